@@ -33,7 +33,8 @@ def _probability(name: str, value: float) -> None:
 
 
 def _choice(name: str, value, choices) -> None:
-    _require(value in choices, f"{name} must be one of {sorted(choices)}, got {value!r}")
+    _require(value in choices,
+             f"{name} must be one of {sorted(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
