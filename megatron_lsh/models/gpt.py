@@ -1,0 +1,68 @@
+"""GPT-MoE: a decoder-only language model (causal self-attention, tied embeddings).
+
+One ``GPTModel`` object is one pipeline stage: the first stage embeds tokens, the last
+computes the loss, middle stages only run their layers. With pp = 1 the single stage does all.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_lsh.config import ModelConfig, MoEConfig
+from megatron_lsh.models.embedding import Embedding, OutputLayer, mark_shared_embedding
+from megatron_lsh.models.transformer import TransformerBlock
+from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.parallel.pipeline import stage_layer_range
+
+EMBEDDING_SEED_PART = 17
+OUTPUT_SEED_PART = 29
+
+
+class GPTModel(nn.Module):
+    """This rank's stage of GPT-MoE.
+
+    ``forward(input_ids [b, s] | hidden_states [s, b, h], labels [b, s] | None)`` returns
+    ``(out, aux_loss)``: on the last stage ``out`` is the per-token loss [b, s] (or logits
+    [s, b, V/tp] without labels), elsewhere the hidden states for the next stage.
+    """
+
+    def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
+                 seed: int = 1234, sequence_parallel: bool = False, device=None):
+        super().__init__()
+        self.config = config
+        self.pre_process = groups.is_first_stage
+        self.post_process = groups.is_last_stage
+        tied = not config.untie_embeddings_and_output_weights
+        layers = stage_layer_range(config.num_layers, groups.pp_size, groups.pp_rank)
+        self.embedding = None
+        if self.pre_process:
+            self.embedding = Embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+                                       max_positions=config.max_position_embeddings,
+                                       sequence_parallel=sequence_parallel, device=device)
+            if tied:
+                mark_shared_embedding(self.embedding.word_embeddings.weight, groups)
+        self.decoder = TransformerBlock(config, moe, groups, [n + 1 for n in layers], seed=seed,
+                                        causal=True, final_layernorm=self.post_process,
+                                        sequence_parallel=sequence_parallel, device=device)
+        self.output_layer = None
+        if self.post_process:
+            share_here = tied and self.pre_process
+            self.output_layer = OutputLayer(
+                config, groups,
+                seed=seed + (EMBEDDING_SEED_PART if tied else OUTPUT_SEED_PART),
+                tied_weight=self.embedding.word_embeddings.weight if share_here else None,
+                sequence_parallel=sequence_parallel, device=device)
+            if tied and not share_here:
+                mark_shared_embedding(self.output_layer.weight, groups)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                hidden_states: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
+        x = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
+        x, aux = self.decoder(x)
+        if not self.post_process:
+            return x, aux
+        return self.output_layer(x, labels), aux

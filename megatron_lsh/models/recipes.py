@@ -1,0 +1,161 @@
+"""Model recipes: the paper's configurations (Table 1) and tiny ones that train on 2 CPU cores.
+
+``python -m megatron_lsh.models.recipes --count NAME`` builds a recipe on the meta device (no
+memory is allocated) and prints its total and MoE parameter counts; the last line is the
+total as an integer.
+
+Assumptions common to the paper recipes (the paper does not state them):
+- vocabulary 50257 (GPT-2 BPE), padded to a multiple of 128 -> 50304 embedding rows;
+- learned absolute position embeddings (2048 positions for GPT, 512 for RoBERTa/T5);
+- biases on every linear layer, pre-LayerNorm with weight and bias, a final LayerNorm;
+- the output layer is tied to the word embedding (no extra parameters), RoBERTa and T5 add
+  a vocabulary-sized output bias and RoBERTa the MLM head (dense h x h + LayerNorm);
+- 64-dimensional heads (heads = hidden / 64); top-2 routing; routers have no bias;
+- MoE every 2nd layer (layers 2, 4, ...) unless noted.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_lsh.config import ModelConfig, MoEConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named model: architecture kind plus its model and MoE configs."""
+
+    name: str
+    kind: str  # "gpt", "roberta" or "t5"
+    model: Callable[[], ModelConfig]
+    moe: Callable[[], MoEConfig]
+    doc: str = ""
+
+
+def _gpt(layers, hidden, ffn, experts, seq=2048):
+    return (lambda: ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                                num_attention_heads=hidden // 64, seq_length=seq,
+                                max_position_embeddings=seq, vocab_size=50257),
+            lambda: MoEConfig(num_experts=experts, moe_layer_freq=2, router_topk=2))
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def _register(recipe: Recipe) -> None:
+    RECIPES[recipe.name] = recipe
+
+
+_register(Recipe("gpt-moe-15b", "gpt", *_gpt(12, 768, 3072, 512),
+                 doc="GPT-MoE 15B (fairseq moe_lm): 12 layers, d 768, ffn 3072, 512 experts "
+                     "every 2nd layer; Table 1: 14629M total, 14507M in experts."))
+_register(Recipe("gpt-moe-52b", "gpt", *_gpt(24, 1024, 4096, 512),
+                 doc="GPT-MoE 52B: 24 layers, d 1024, ffn 4096, 512 experts every 2nd layer; "
+                     "Table 1: 51740M total, 51539M in experts."))
+_register(Recipe(
+    "roberta-moe", "roberta",
+    lambda: ModelConfig(num_layers=12, hidden_size=768, ffn_hidden_size=3072,
+                        num_attention_heads=12, seq_length=512, max_position_embeddings=512,
+                        vocab_size=50257),
+    lambda: MoEConfig(num_experts=16, moe_layer_freq=3, router_topk=2),
+    doc="RoBERTa-MoE: 12 layers, d 768, ffn 3072, 16 experts. Table 1 gives 302M expert and "
+        "394M total parameters. 16 experts of 2 x 768 x 3072 weights are 75.5M per MoE layer, "
+        "so 302M is exactly 4 MoE layers, not the 6 that 'every 2nd layer' would give (453M). "
+        "We therefore place MoE on every 3rd layer (layers 3, 6, 9, 12): 302M in experts and "
+        "about 408M in total, 3.5% above the table's 394M (which the dense remainder of a "
+        "12-layer, 50k-vocabulary encoder cannot reach with 4 MoE layers); with every 2nd "
+        "layer the total would be 15% above."))
+_register(Recipe(
+    "t5-moe", "t5",
+    lambda: ModelConfig(num_layers=16, decoder_num_layers=16, hidden_size=1024,
+                        ffn_hidden_size=16384, num_attention_heads=16, seq_length=512,
+                        max_position_embeddings=512, decoder_seq_length=128, vocab_size=50257),
+    lambda: MoEConfig(num_experts=16, moe_layer_freq=2, router_topk=2),
+    doc="T5-MoE: 16 encoder + 16 decoder layers, d 1024, ffn 16384, 16 experts every 2nd "
+        "layer of each stack (16 MoE layers); Table 1: 9288M total, 8594M in experts."))
+
+_TINY = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=64,
+             max_position_embeddings=64, vocab_size=4096, hidden_dropout=0.0,
+             attention_dropout=0.0)
+_register(Recipe("tiny-gpt-moe", "gpt",
+                 lambda: ModelConfig(num_layers=4, **_TINY),
+                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
+                 doc="A 4-layer GPT-MoE (d 64, 4 experts every 2nd layer) for CPU runs."))
+_register(Recipe("tiny-roberta-moe", "roberta",
+                 lambda: ModelConfig(num_layers=4, **_TINY),
+                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
+                 doc="A 4-layer RoBERTa-MoE for CPU runs."))
+_register(Recipe("tiny-t5-moe", "t5",
+                 lambda: ModelConfig(num_layers=2, decoder_num_layers=2, decoder_seq_length=16,
+                                     **_TINY),
+                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
+                 doc="A 2+2-layer T5-MoE for CPU runs."))
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look up a recipe by name, with a clear message listing the known ones."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def build_model(kind: str, model: ModelConfig, moe: MoEConfig, groups=None, *, seed: int = 1234,
+                sequence_parallel: bool = False, device=None) -> torch.nn.Module:
+    """Build this rank's stage of a GPT / RoBERTa / T5 model (single process by default)."""
+    from megatron_lsh.models.gpt import GPTModel
+    from megatron_lsh.models.roberta import RobertaModel
+    from megatron_lsh.models.t5 import T5Model
+    from megatron_lsh.parallel.dims import ProcessGroups
+
+    groups = groups or ProcessGroups.single()
+    cls = {"gpt": GPTModel, "roberta": RobertaModel, "t5": T5Model}[kind]
+    return cls(model, moe, groups, seed=seed, sequence_parallel=sequence_parallel, device=device)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, in experts) parameter counts, each parameter counted once."""
+    seen, total, expert = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if getattr(p, "is_expert", False):
+            expert += p.numel()
+    return total, expert
+
+
+def count_recipe(name: str) -> tuple[int, int]:
+    """Build ``name`` on the meta device and count its parameters."""
+    recipe = get_recipe(name)
+    model = build_model(recipe.kind, recipe.model(), recipe.moe(), device="meta")
+    return count_parameters(model)
+
+
+def main(argv=None) -> int:
+    """CLI: ``--count NAME`` prints parameter counts; ``--list`` prints the recipes."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", metavar="NAME", help="count the parameters of a recipe")
+    parser.add_argument("--list", action="store_true", help="list the recipes")
+    args = parser.parse_args(argv)
+    if args.list or not args.count:
+        for name, recipe in sorted(RECIPES.items()):
+            print(f"{name:18s} {recipe.doc}")
+        return 0
+    try:
+        total, expert = count_recipe(args.count)
+    except KeyError as e:
+        parser.exit(2, f"error: {e.args[0]}\n")
+    print(f"recipe: {args.count}")
+    print(f"moe parameters: {expert:,} ({expert / 1e6:.0f}M)")
+    print(f"dense parameters: {total - expert:,} ({(total - expert) / 1e6:.0f}M)")
+    print(f"total parameters: {total:,} ({total / 1e6:.0f}M)")
+    print(total)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""Transformer building blocks: attention, MLP, a layer whose FFN is dense or MoE, a block.
+
+Tensors are sequence-first, as in Megatron: ``[s, b, h]`` (with sequence parallelism each TP
+rank holds ``[s/tp, b, h]`` between the parallel regions). Legend: s sequence, b batch,
+h hidden, n heads on this TP rank, d head width.
+
+The model code reads like single-device code: tensor parallelism lives entirely inside
+:mod:`megatron_lsh.parallel.layers` (column/row-parallel linears, which are plain linears when
+tp = 1) and expert parallelism inside :class:`megatron_lsh.moe.MoELayer`.
+
+Initialisation does not depend on the layout: every layer seeds the global generator from
+``(seed, layer_number)`` before building its parameters, and the parallel layers draw the
+full (master) weight and keep their shard. So a TP/PP/EP model starts equal to the
+single-process one.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lsh.config import ModelConfig, MoEConfig
+from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                          build_layernorm, init_method_normal,
+                                          scaled_init_method_normal)
+from megatron_lsh.parallel.random import checkpoint, get_rng_tracker
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run a block with the global CPU generator seeded, restoring the previous state after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def layer_seed(seed: int, layer_number: int, part: int = 0) -> int:
+    """A per-layer initialisation seed, independent of which stage builds the layer."""
+    return (seed * 1_000_003 + layer_number * 101 + part) % (2 ** 63)
+
+
+def is_moe_layer(layer_number: int, moe: MoEConfig) -> bool:
+    """Layer ``layer_number`` (1-based) is MoE when it is a multiple of ``moe_layer_freq``."""
+    return moe.enabled and layer_number % moe.moe_layer_freq == 0
+
+
+def activation_fn(name: str):
+    """The MLP non-linearity by name (swiglu is handled by the MLP itself)."""
+    return {"gelu": F.gelu, "relu": F.relu}[name]
+
+
+class ParallelMLP(nn.Module):
+    """h -> ffn -> h with a column-parallel first and a row-parallel second linear."""
+
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, sequence_parallel: bool,
+                 device=None):
+        super().__init__()
+        common = dict(tp_group=groups.tp, bias=config.add_bias_linear,
+                      sequence_parallel=sequence_parallel, device=device)
+        init = init_method_normal(config.init_method_std)
+        out_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        self.swiglu = config.activation == "swiglu"
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_hidden_size,
+                                        init_method=init, **common)
+        if self.swiglu:
+            self.fc1_gate = ColumnParallelLinear(config.hidden_size, config.ffn_hidden_size,
+                                                 init_method=init, **common)
+        else:
+            self.act = activation_fn(config.activation)
+        self.fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size,
+                                     input_is_parallel=True, init_method=out_init, **common)
+
+    def forward(self, x_sbh: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(x_sbh)
+        h = F.silu(self.fc1_gate(x_sbh)[0]) * h if self.swiglu else self.act(h)
+        return self.fc2(h)[0]
+
+
+class ParallelAttention(nn.Module):
+    """Multi-head attention with heads split over TP ranks.
+
+    ``attention_type``: 'self' (q, k, v from the same input) or 'cross' (q from the decoder,
+    k and v from the encoder output). ``causal`` adds the lower-triangular mask; a padding
+    mask ``[b, s_k]`` (True = attend) may be passed to forward.
+    """
+
+    def __init__(self, config: ModelConfig, groups: ProcessGroups, *, attention_type: str,
+                 causal: bool, sequence_parallel: bool, selective_recompute: bool,
+                 device=None):
+        super().__init__()
+        self.tp = groups.tp_size
+        self.heads = config.num_attention_heads // self.tp
+        self.head_dim = config.kv_channels
+        self.causal = causal
+        self.attention_type = attention_type
+        self.dropout = config.attention_dropout
+        self.selective_recompute = selective_recompute
+        proj = config.num_attention_heads * config.kv_channels
+        common = dict(tp_group=groups.tp, bias=config.add_bias_linear,
+                      sequence_parallel=sequence_parallel, device=device)
+        init = init_method_normal(config.init_method_std)
+        # Output features are laid out (head, {q,k,v}, d) so a contiguous TP shard holds whole heads.
+        if attention_type == "self":
+            self.qkv = ColumnParallelLinear(config.hidden_size, 3 * proj, init_method=init, **common)
+        else:
+            self.q = ColumnParallelLinear(config.hidden_size, proj, init_method=init, **common)
+            self.kv = ColumnParallelLinear(config.hidden_size, 2 * proj, init_method=init, **common)
+        self.out = RowParallelLinear(proj, config.hidden_size, input_is_parallel=True,
+                                     init_method=scaled_init_method_normal(
+                                         config.init_method_std, config.num_layers), **common)
+
+    def _core(self, q_bnsd, k_bnsd, v_bnsd, mask):
+        if not self.training or self.dropout == 0.0:
+            return F.scaled_dot_product_attention(q_bnsd, k_bnsd, v_bnsd, attn_mask=mask)
+        # Heads are split over TP ranks, so attention dropout draws from the per-rank stream.
+        with get_rng_tracker().fork():
+            return F.scaled_dot_product_attention(q_bnsd, k_bnsd, v_bnsd, attn_mask=mask,
+                                                  dropout_p=self.dropout)
+
+    def forward(self, x_sbh: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                context_sbh: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.attention_type == "self":
+            qkv, _ = self.qkv(x_sbh)
+            s, b = qkv.shape[:2]
+            q, k, v = qkv.view(s, b, self.heads, 3, self.head_dim).unbind(3)
+        else:
+            q, _ = self.q(x_sbh)
+            s, b = q.shape[:2]
+            q = q.view(s, b, self.heads, self.head_dim)
+            kv, _ = self.kv(context_sbh)
+            k, v = kv.view(kv.shape[0], b, self.heads, 2, self.head_dim).unbind(3)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+        mask = None
+        if self.causal:
+            sq, sk = q.shape[2], k.shape[2]
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        if padding_mask is not None:
+            pad = padding_mask[:, None, None, :].to(torch.bool)
+            mask = pad if mask is None else (mask & pad)
+        if self.selective_recompute and self.training:
+            ctx = checkpoint(self._core, q, k, v, mask)
+        else:
+            ctx = self._core(q, k, v, mask)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+        return self.out(ctx)[0]
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm layer: self-attention, optional cross-attention, then a dense or MoE FFN.
+
+    ``forward`` returns ``(hidden, aux_loss)`` where ``aux_loss`` is the MoE router loss of
+    this layer (0 for dense layers), already multiplied by its coefficients.
+    """
+
+    def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups,
+                 layer_number: int, *, seed: int, causal: bool, cross_attention: bool,
+                 sequence_parallel: bool = False, device=None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.sequence_parallel = sequence_parallel
+        self.hidden_dropout = config.hidden_dropout
+        selective = config.recompute_granularity == "selective"
+        with seeded(layer_seed(seed, layer_number)):
+            self.ln_attn = build_layernorm(config.hidden_size, config.layernorm_epsilon,
+                                           sequence_parallel, device=device)
+            self.attention = ParallelAttention(config, groups, attention_type="self",
+                                               causal=causal, sequence_parallel=sequence_parallel,
+                                               selective_recompute=selective, device=device)
+            self.cross = None
+            if cross_attention:
+                self.ln_cross = build_layernorm(config.hidden_size, config.layernorm_epsilon,
+                                                sequence_parallel, device=device)
+                self.cross = ParallelAttention(config, groups, attention_type="cross",
+                                               causal=False, sequence_parallel=sequence_parallel,
+                                               selective_recompute=selective, device=device)
+            self.ln_mlp = build_layernorm(config.hidden_size, config.layernorm_epsilon,
+                                          sequence_parallel, device=device)
+            self.is_moe = is_moe_layer(layer_number, moe)
+            if self.is_moe:
+                from megatron_lsh.moe import MoELayer  # the dense model needs no MoE code
+                self.mlp = MoELayer(moe, config.hidden_size, config.ffn_hidden_size, groups,
+                                    activation=config.activation,
+                                    add_bias=config.add_bias_linear,
+                                    init_method_std=config.init_method_std,
+                                    output_layer_init_std=config.init_method_std
+                                    / math.sqrt(2.0 * config.num_layers),
+                                    seed=layer_seed(seed, layer_number, part=1),
+                                    sequence_parallel=sequence_parallel, device=device)
+            else:
+                self.mlp = ParallelMLP(config, groups, sequence_parallel, device=device)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        if self.sequence_parallel:  # each TP rank holds different tokens
+            with get_rng_tracker().fork():
+                return F.dropout(x, self.hidden_dropout, True)
+        return F.dropout(x, self.hidden_dropout, True)
+
+    def forward(self, x_sbh: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                context_sbh: Optional[torch.Tensor] = None,
+                context_padding_mask: Optional[torch.Tensor] = None):
+        x = x_sbh + self._dropout(self.attention(self.ln_attn(x_sbh), padding_mask))
+        if self.cross is not None:
+            x = x + self._dropout(self.cross(self.ln_cross(x), context_padding_mask, context_sbh))
+        if self.is_moe:
+            y, losses = self.mlp(self.ln_mlp(x))
+            aux = losses["aux_loss"] + losses["z_loss"]
+        else:
+            y, aux = self.mlp(self.ln_mlp(x)), x.new_zeros(())
+        return x + self._dropout(y), aux
+
+
+class TransformerBlock(nn.Module):
+    """The layers ``layer_numbers`` (1-based, global) of one stage, plus the final LayerNorm.
+
+    ``final_layernorm``: True on the stage that ends this stack (the last pipeline stage for
+    GPT/RoBERTa; for T5 the stage that ends the encoder or decoder).
+    Activation checkpointing: 'full' recomputes each layer in backward (MoE layers included),
+    'selective' only the attention core; both restore the RNG so dropout repeats exactly.
+    """
+
+    def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups,
+                 layer_numbers, *, seed: int, causal: bool, cross_attention: bool = False,
+                 final_layernorm: bool = True, sequence_parallel: bool = False, device=None):
+        super().__init__()
+        self.recompute_full = config.recompute_granularity == "full"
+        # Keyed by the global layer number, so parameter names do not depend on the pipeline
+        # split (a checkpoint or a gradient can be matched across layouts by name).
+        self.layers = nn.ModuleDict({
+            str(n): TransformerLayer(config, moe, groups, n, seed=seed, causal=causal,
+                                     cross_attention=cross_attention,
+                                     sequence_parallel=sequence_parallel, device=device)
+            for n in layer_numbers})
+        self.final_layernorm = None
+        if final_layernorm:
+            with seeded(layer_seed(seed, 0, part=7)):
+                self.final_layernorm = build_layernorm(config.hidden_size,
+                                                       config.layernorm_epsilon,
+                                                       sequence_parallel, device=device)
+
+    def forward(self, x_sbh: torch.Tensor, padding_mask=None, context_sbh=None,
+                context_padding_mask=None):
+        aux_total = x_sbh.new_zeros(())
+        for layer in self.layers.values():
+            if self.recompute_full and self.training:
+                x_sbh, aux = checkpoint(layer, x_sbh, padding_mask, context_sbh,
+                                        context_padding_mask)
+            else:
+                x_sbh, aux = layer(x_sbh, padding_mask, context_sbh, context_padding_mask)
+            aux_total = aux_total + aux
+        if self.final_layernorm is not None:
+            x_sbh = self.final_layernorm(x_sbh)
+        return x_sbh, aux_total
