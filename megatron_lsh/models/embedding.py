@@ -121,6 +121,11 @@ class OutputLayer(nn.Module):
 
 
 def mark_shared_embedding(param: nn.Parameter, groups: ProcessGroups) -> None:
-    """Tag a word-embedding copy whose gradient is summed over the first and last stage."""
+    """Tag an embedding copy whose gradient is summed over the first and last stage.
+
+    ``shared_embedding``: the pipeline sums its gradient over the embedding group.
+    ``shared``: a copy held off the first stage; the grad norm skips it (counted once).
+    """
     if groups.pp_size > 1:
         param.shared_embedding = True
+        param.shared = not groups.is_first_stage
