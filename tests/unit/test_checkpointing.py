@@ -1,0 +1,291 @@
+"""Checkpoints, one process: layout, round trip, atomicity under SIGKILL, unsafe files, errors."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_lsh.config import MegatronLSHConfig
+from megatron_lsh.parallel import random as mp_random
+from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
+from megatron_lsh.training import checkpointing as ckpt
+from megatron_lsh.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SINGLE = ProcessGroups.single()
+LAYOUT = ckpt.parallel_layout(SINGLE)
+
+
+def make_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"embedding.weight": torch.randn(8, 4, generator=g), "head.bias": torch.zeros(3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(8, 4, generator=g), "step": 5}},
+                      "param_groups": [{"lr": 1e-3, "params": [0]}]},
+        "opt_param_scheduler": {"num_steps": 5, "max_lr": 1e-3},
+        "loss_scaler": {"scale": 65536.0},
+        "rng_state": mp_random.state_dict(),
+        "consumed_train_samples": 40 + seed,
+        "config": MegatronLSHConfig().to_dict(),
+    }
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_folder_names_follow_megatron():
+    assert ckpt.rank_dir_name(0, 0, 0, pp_size=1, ep_size=1) == "mp_rank_00"
+    assert ckpt.rank_dir_name(1, 2, 0, pp_size=4, ep_size=1) == "mp_rank_01_002"
+    assert ckpt.rank_dir_name(1, 0, 3, pp_size=1, ep_size=4) == "mp_rank_01_003"
+    assert ckpt.rank_dir_name(1, 2, 3, pp_size=4, ep_size=4) == "mp_rank_01_002_003"
+    assert ckpt.iteration_dir("/c", 200) == "/c/iter_0000200"
+    assert ckpt.distrib_optim_file(3) == "distrib_optim_dp003.pt"
+
+
+@pytest.mark.parametrize("world, tp, pp, ep", [(8, 2, 2, 1), (4, 1, 1, 4), (8, 2, 1, 2),
+                                                (8, 2, 1, 4), (8, 1, 2, 2)])
+def test_exactly_one_writer_per_position(world, tp, pp, ep):
+    dims = ParallelDims(world, tp=tp, pp=pp, ep=ep)
+    writers, positions = {}, set()
+    for rank in range(world):
+        g = ProcessGroups(dims, rank, *[None] * 7, [rank], [rank])  # coordinates only
+        position = (g.tp_rank, g.pp_rank, g.ep_rank)
+        positions.add(position)
+        if ckpt.is_checkpoint_writer(g):
+            assert position not in writers
+            writers[position] = rank
+    assert set(writers) == positions
+
+
+def test_round_trip_restores_every_entry_and_writes_megatron_files(tmp_path):
+    state = make_state()
+    final = save_checkpoint(7, state, str(tmp_path), SINGLE)
+    assert final == str(tmp_path / "iter_0000007")
+    assert (tmp_path / ckpt.LATEST_FILE).read_text() == "7\n"
+    assert sorted(os.listdir(final)) == ["metadata.json", "mp_rank_00"]
+    assert os.listdir(os.path.join(final, "mp_rank_00")) == ["model_optim_rng.pt"]
+    metadata = json.loads((tmp_path / "iter_0000007" / "metadata.json").read_text())
+    assert metadata["parallel_layout"] == LAYOUT and metadata["checkpoint_version"] == 1
+    iteration, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+    assert iteration == 7
+    assert loaded["checkpoint_version"] == ckpt.CHECKPOINT_VERSION and loaded["iteration"] == 7
+    assert loaded.pop("parallel_layout") == LAYOUT
+    for key in ("checkpoint_version", "iteration"):
+        loaded.pop(key)
+    assert_same(state, loaded)
+
+
+def test_rng_state_restores_the_random_streams(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    save_checkpoint(1, {"rng_state": mp_random.state_dict()}, str(tmp_path), SINGLE)
+    expected = (torch.rand(3), np.random.rand(3))
+    torch.manual_seed(99)
+    np.random.seed(99)
+    _, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+    mp_random.load_state_dict(loaded["rng_state"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+
+
+def test_latest_moves_forward_and_resaving_an_iteration_replaces_it(tmp_path):
+    save_checkpoint(1, make_state(1), str(tmp_path), SINGLE)
+    save_checkpoint(2, make_state(2), str(tmp_path), SINGLE)
+    assert load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)[0] == 2
+    save_checkpoint(2, make_state(5), str(tmp_path), SINGLE)
+    _, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+    assert loaded["consumed_train_samples"] == 45
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
+
+
+def test_per_dp_rank_state_is_a_separate_file(tmp_path):
+    shard = {"fp32_params": torch.arange(6.0), "exp_avg": torch.ones(6)}
+    save_checkpoint(3, {"model": {}}, str(tmp_path), SINGLE, per_dp_rank_state=shard)
+    assert sorted(os.listdir(tmp_path / "iter_0000003" / "mp_rank_00")) == [
+        "distrib_optim_dp000.pt", "model_optim_rng.pt"]
+    _, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+    assert_same(loaded["per_dp_rank_state"], shard)
+    os.remove(tmp_path / "iter_0000003" / "mp_rank_00" / "distrib_optim_dp000.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint file .*distrib_optim_dp000.pt is missing"):
+        load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+
+
+def test_nothing_to_load_returns_none(tmp_path):
+    assert load_checkpoint(str(tmp_path / "absent"), SINGLE, expected_layout=LAYOUT) is None
+    assert load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT) is None  # empty folder
+    warning = ckpt.no_checkpoint_warning(str(tmp_path / "absent"))
+    assert "absent" in warning and "from scratch" in warning
+
+
+def test_load_errors_name_the_file(tmp_path):
+    root = str(tmp_path)
+    save_checkpoint(4, make_state(), root, SINGLE)
+    latest = tmp_path / ckpt.LATEST_FILE
+    latest.write_text("four\n")
+    with pytest.raises(CheckpointError, match=r"latest_checkpointed_iteration.txt should hold an "
+                                              r"iteration number but holds 'four'"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    latest.write_text("9\n")
+    with pytest.raises(CheckpointError, match=r"points at iteration 9 but folder .*iter_0000009 "
+                                              r"does not exist"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    latest.unlink()
+    with pytest.raises(CheckpointError, match=r"holds checkpoint folders but no "
+                                              r"latest_checkpointed_iteration.txt"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    latest.write_text("4\n")
+    (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint file .*iter_0000004/mp_rank_00/"
+                                              r"model_optim_rng.pt is missing"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"PK\x03\x04xx")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint file .*model_optim_rng.pt"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_file_that_would_run_code_is_refused(tmp_path, writer):
+    root = str(tmp_path)
+    save_checkpoint(1, make_state(), root, SINGLE)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    payload = {"model": {"w": torch.ones(1)}, "evil": _RunsCode(marker)}
+    with open(path, "wb") as f:
+        pickle.dump(payload, f) if writer == "pickle" else torch.save(payload, f)
+    with pytest.raises(CheckpointError, match=rf"refusing to load {path}: it holds objects other "
+                                              rf"than tensors and plain python values"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    assert not marker.exists()
+    if writer == "torch.save":
+        with pytest.raises(CheckpointError, match=r"\(it refers to posix.system\), and unpickling"):
+            load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+
+
+def test_state_that_cannot_be_loaded_safely_is_refused_at_save(tmp_path):
+    root = str(tmp_path)
+    save_checkpoint(1, make_state(), root, SINGLE)
+    bad = {"model": {"w": torch.ones(1)}, "rng": {"numpy": np.zeros(3)}}
+    with pytest.raises(CheckpointError, match=r"checkpoint state\['rng'\]\['numpy'\] is a "
+                                              r"numpy.ndarray, which torch.load\(weights_only=True\)"
+                                              r" cannot read back"):
+        save_checkpoint(2, bad, root, SINGLE)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", ckpt.LATEST_FILE]
+    assert ckpt.read_latest(root) == 1
+
+
+def test_incompatible_layout_is_refused_with_both_layouts_named(tmp_path):
+    root = str(tmp_path)
+    saved = dict(LAYOUT, tensor_model_parallel_size=2, num_experts=8)
+    save_checkpoint(1, make_state(), root, SINGLE, layout=saved)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*iter_0000001 was saved with "
+                                              r"tensor-model-parallel-size=2, num-experts=8 but "
+                                              r"this run has tensor-model-parallel-size=1, "
+                                              r"num-experts=16; loading into a different parallel "
+                                              r"layout is not supported yet"):
+        load_checkpoint(root, SINGLE, expected_layout=dict(LAYOUT, num_experts=16))
+    # Without metadata.json (e.g. written by another tool) the rank file's copy is checked.
+    os.remove(tmp_path / "iter_0000001" / "metadata.json")
+    with pytest.raises(CheckpointError, match=r"saved with tensor-model-parallel-size=2"):
+        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    save_checkpoint(1, {"model": {}}, str(tmp_path), SINGLE)
+    path = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=True)
+    state["checkpoint_version"] = ckpt.CHECKPOINT_VERSION + 1
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"has format version 2, newer than this code's 1"):
+        load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+
+
+_CRASHING_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    from megatron_lsh.parallel.dims import ProcessGroups
+    from megatron_lsh.training.checkpointing import save_checkpoint
+    root, stop_at, marker = sys.argv[1:4]
+    def on_stage(stage, path):
+        if stage == stop_at:
+            open(marker, "w").close()
+            time.sleep(120)  # the test SIGKILLs us here
+    save_checkpoint(2, {"model": {"w": torch.full((4,), 2.0)}}, root, ProcessGroups.single(),
+                    per_dp_rank_state={"shard": torch.ones(4)}, on_stage=on_stage)
+""")
+
+
+def _save_and_get_killed(root, stop_at):
+    marker = os.path.join(root, f"..{stop_at}.marker")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SAVE, root, stop_at, marker], env=env,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(marker):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the save never reached the crash point"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup code runs
+        proc.wait()
+    os.remove(marker)
+    assert proc.returncode == -9
+
+
+@pytest.mark.parametrize("stop_at", ["file", "renamed"])
+def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, stop_at):
+    root = str(tmp_path / "ckpt")
+    save_checkpoint(1, {"model": {"w": torch.full((4,), 1.0)}}, root, SINGLE)
+    _save_and_get_killed(root, stop_at)  # "file": after one of two files; "renamed": before latest
+    assert ckpt.read_latest(root) == 1
+    leftovers = sorted(os.listdir(root))
+    if stop_at == "file":
+        assert leftovers[0] == "iter_0000001" and leftovers[1].startswith("iter_0000002.tmp-")
+    else:
+        assert leftovers == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
+    iteration, state = load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    assert iteration == 1 and torch.equal(state["model"]["w"], torch.full((4,), 1.0))
+    # The next save cleans up and completes.
+    save_checkpoint(2, {"model": {"w": torch.full((4,), 3.0)}}, root, SINGLE)
+    assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
+    iteration, state = load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    assert iteration == 2 and torch.equal(state["model"]["w"], torch.full((4,), 3.0))
+
+
+def test_crash_in_the_middle_of_replacing_an_iteration_is_recovered(tmp_path):
+    root = str(tmp_path)
+    save_checkpoint(1, {"model": {"w": torch.ones(2)}}, root, SINGLE)
+    # Re-saving iteration 1 moves the old folder aside for an instant: simulate a crash there.
+    os.rename(tmp_path / "iter_0000001", tmp_path / "iter_0000001.old-0badc0de")
+    iteration, state = load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    assert iteration == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    save_checkpoint(2, {"model": {"w": torch.zeros(2)}}, root, SINGLE)
+    assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
