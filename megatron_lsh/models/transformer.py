@@ -214,6 +214,7 @@ class TransformerLayer(nn.Module):
         if self.is_moe:
             y, losses = self.mlp(self.ln_mlp(x))
             aux = losses["aux_loss"] + losses["z_loss"]
+            self.last_aux_loss = aux.detach()  # for per-layer logging
         else:
             y, aux = self.mlp(self.ln_mlp(x)), x.new_zeros(())
         return x + self._dropout(y), aux

@@ -1,0 +1,80 @@
+"""Tokenizer, datasets and resumable loaders of a run, as the training loop needs them.
+
+Every rank of a data-parallel replica (all its TP ranks and pipeline stages) reads the same
+micro-batches; the sampler hands DP rank ``r`` its slice of each global batch, starting at
+the consumed-sample count, so a resumed run draws exactly the batches an uninterrupted one
+would have drawn. Validation always reads the same first ``eval_iters`` global batches, so
+validation losses are comparable across a run and across runs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+from megatron_lsh.config import ConfigError, MegatronLSHConfig
+from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.training.tasks import Task
+
+
+def build_run_tokenizer(config: MegatronLSHConfig):
+    """The tokenizer named by the data config, or None when no tokenizer type is given."""
+    data = config.data
+    if not data.tokenizer_type:
+        return None
+    from megatron_lsh.tokenizer import build_tokenizer
+    return build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                           merge_file=data.merge_file, tokenizer_model=data.tokenizer_model,
+                           vocab_extra_ids=data.vocab_extra_ids,
+                           vocab_size=config.model.vocab_size)
+
+
+class RunData:
+    """Train / validation datasets of a run and iterators over this rank's micro-batches."""
+
+    def __init__(self, config: MegatronLSHConfig, task: Task, groups: ProcessGroups,
+                 global_batch_size: int, tokenizer, log: Callable[[str], None] = print):
+        from megatron_lsh.data.builder import build_train_valid_test_datasets
+        from megatron_lsh.data.special_tokens import SpecialTokenIds
+
+        if not config.data.data_path:
+            raise ConfigError("no training data: pass --data-path PREFIX (a preprocessed "
+                              ".bin/.idx prefix, optionally with blend weights)")
+        self.config, self.groups = config, groups
+        self.global_batch_size = global_batch_size
+        tr = config.training
+        special = SpecialTokenIds.from_tokenizer(tokenizer) if tokenizer is not None else None
+        num_samples = (tr.train_iters * global_batch_size,
+                       max(tr.eval_iters, 1) * global_batch_size, 0)
+        self.train, self.valid, _ = build_train_valid_test_datasets(
+            task.dataset_kind, seq_length=config.model.seq_length, seed=tr.seed,
+            num_samples=num_samples, data_path=config.data.data_path, split=config.data.split,
+            special=special, cache_dir=config.data.data_cache_path, log=log,
+            **task.dataset_kwargs(config.model, config.data.mask_prob))
+        if self.train is None:
+            raise ConfigError(f"the split {config.data.split!r} leaves no training documents in "
+                              f"{config.data.data_path}")
+
+    @property
+    def has_valid(self) -> bool:
+        """True when the split gives validation documents and eval_iters > 0."""
+        return self.valid is not None and self.config.training.eval_iters > 0
+
+    def _loader(self, dataset, consumed_samples: int):
+        from megatron_lsh.data.sampler import build_pretraining_data_loader
+        return build_pretraining_data_loader(
+            dataset, consumed_samples, self.config.training.micro_batch_size,
+            self.groups.dp_rank, self.groups.dp_size, num_workers=self.config.data.num_workers)
+
+    def train_iterator(self, consumed_samples: int) -> Iterator:
+        """Micro-batches of this DP rank from ``consumed_samples`` on."""
+        return iter(self._loader(self.train, consumed_samples))
+
+    def valid_iterator(self) -> Optional[Iterator]:
+        """Micro-batches of the fixed validation set (from its start every time)."""
+        return iter(self._loader(self.valid, 0)) if self.has_valid else None
+
+
+def build_data(config: MegatronLSHConfig, task: Task, groups: ProcessGroups,
+               global_batch_size: int, tokenizer=None,
+               log: Callable[[str], None] = print) -> RunData:
+    """Build the run's datasets (indices are built once on rank 0 and cached)."""
+    return RunData(config, task, groups, global_batch_size, tokenizer, log=log)

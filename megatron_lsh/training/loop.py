@@ -1,0 +1,342 @@
+"""The pretraining loop shared by GPT-MoE, RoBERTa-MoE and T5-MoE.
+
+:class:`Trainer` has named steps, read top to bottom:
+
+1. ``setup``: process groups, seeds, model (this rank's stage, wrapped in the bucketed DDP),
+   optimizer, learning-rate schedule, datasets, and a resume from ``--load``;
+2. ``train_step``: one global batch: every micro-batch through the pipeline schedule, the
+   gradient reduction, tied-embedding sync, and the optimizer step;
+3. ``evaluate``: the validation loss on a fixed set of batches (comparable across runs);
+4. ``save``: a checkpoint of everything stateful (model, optimizer + loss scaler, schedule,
+   RNG, sampler position, LSH rotations, config);
+5. ``train``: the loop with logging, evaluation, saving and the exit conditions.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_lsh.config import ConfigError, MegatronLSHConfig
+from megatron_lsh.models import build_model
+from megatron_lsh.models.transformer import TransformerLayer
+from megatron_lsh.parallel import random as mp_random
+from megatron_lsh.parallel.data_parallel import DistributedDataParallel
+from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups, init_distributed
+from megatron_lsh.parallel.optimizer import build_optimizer
+from megatron_lsh.parallel.p2p import PipelineP2P
+from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embedding_grads,
+                                            forward_backward, sync_tied_embedding_weights)
+from megatron_lsh.training import checkpointing
+from megatron_lsh.training.data import build_data, build_run_tokenizer
+from megatron_lsh.training.logger import TrainingLogger
+from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
+from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
+from megatron_lsh.training.tasks import TASKS, Task
+
+MOE_STAT_FIELDS = ("rows", "centroids", "bytes_fwd", "bytes_bwd", "aux_loss", "present")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a NaN loss without loss scaling)."""
+
+
+def _world_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """Pretrains one model kind ('gpt', 'roberta', 't5') from a :class:`MegatronLSHConfig`."""
+
+    def __init__(self, config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print):
+        if kind not in TASKS:
+            raise ConfigError(f"model kind must be one of {sorted(TASKS)}, got {kind!r}")
+        self.config = config
+        self.task: Task = TASKS[kind]
+        self.kind = kind
+        self.iteration = 0
+        self.consumed_samples = 0
+        self._log = log
+
+    # -- 1. setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build groups, model, optimizer, schedule and data; resume if ``--load`` is set."""
+        cfg, par = self.config, self.config.parallel
+        rank, world = init_distributed(par.distributed_backend, par.distributed_timeout_minutes)
+        self.rank = rank
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        dims = ParallelDims(world, tp=par.tensor_model_parallel_size,
+                            pp=par.pipeline_model_parallel_size,
+                            ep=par.expert_model_parallel_size, dp=par.data_parallel_size)
+        dims.check_model(cfg.model.num_layers, cfg.model.num_attention_heads,
+                         cfg.moe.num_experts,
+                         cfg.model.decoder_num_layers if self.kind == "t5" else None)
+        gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dims.dp
+        self.global_batch_size = gbs
+        self.num_microbatches = dims.check_batch(gbs, cfg.training.micro_batch_size)
+        self.groups = ProcessGroups.build(dims)
+        mp_random.model_parallel_seed(cfg.training.seed, self.groups)
+        self.log(f"> layout: {dims}, micro-batches per step: {self.num_microbatches}")
+
+        self.tokenizer = build_run_tokenizer(cfg)
+        if self.tokenizer is not None and self.tokenizer.vocab_size != cfg.model.vocab_size:
+            self.log(f"> vocabulary size from the tokenizer: {self.tokenizer.vocab_size}")
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        model = build_model(self.kind, cfg.model, cfg.moe, self.groups, seed=cfg.training.seed,
+                            sequence_parallel=par.sequence_parallel, device=self.device)
+        if cfg.optimizer.bf16 or cfg.optimizer.fp16:
+            model = model.to(torch.bfloat16 if cfg.optimizer.bf16 else torch.float16)
+        self.model = model
+        self.moe_layers = self._moe_layers()
+        self.ddp = DistributedDataParallel(model, self.groups,
+                                           bucket_size_mb=par.grad_bucket_size_mb,
+                                           use_distributed_optimizer=par.use_distributed_optimizer)
+        sync_tied_embedding_weights(list(model.parameters()), self.groups)
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, self.groups,
+                                         use_distributed_optimizer=par.use_distributed_optimizer)
+        self.scheduler = OptimizerParamScheduler.from_config(self.optimizer, cfg.optimizer,
+                                                             cfg.training.train_iters)
+        self.p2p = PipelineP2P(self.groups, dtype=next(model.parameters()).dtype,
+                               device=self.device) if dims.pp > 1 else None
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"> this rank's stage has {n_params:,} parameters "
+                 f"({len(self.moe_layers)} of {self.num_moe_layers} MoE layers)")
+        self.layout = checkpointing.parallel_layout(
+            self.groups, num_experts=cfg.moe.num_experts, num_layers=cfg.model.num_layers,
+            hidden_size=cfg.model.hidden_size)
+        if cfg.checkpoint.load:
+            self._load(cfg.checkpoint.load)
+        self.data = build_data(cfg, self.task, self.groups, self.global_batch_size,
+                               tokenizer=self.tokenizer, log=self.log)
+        self.logger = TrainingLogger(cfg.logging, train_iters=cfg.training.train_iters,
+                                     enabled=(rank == world - 1),
+                                     global_batch_size=self.global_batch_size,
+                                     resume_iteration=self.iteration or None,
+                                     print_fn=self._log)
+        self.signal_handler = (DistributedSignalHandler()
+                               if cfg.training.exit_signal_handler else None)
+        self.exit_timer = (ExitDurationTimer(cfg.training.exit_duration_in_mins)
+                           if cfg.training.exit_duration_in_mins else None)
+
+    def log(self, message: str) -> None:
+        """Print on global rank 0 only."""
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._log(message)
+
+    def _moe_layers(self) -> list:
+        """(global MoE index, TransformerLayer) for the MoE layers of this stage, in order."""
+        cfg = self.config
+        total = cfg.model.num_layers + (cfg.model.decoder_num_layers if self.kind == "t5" else 0)
+        from megatron_lsh.models.transformer import is_moe_layer
+        numbers = [n for n in range(1, total + 1) if is_moe_layer(n, cfg.moe)]
+        self.num_moe_layers = len(numbers)
+        return [(numbers.index(m.layer_number), m) for m in self.model.modules()
+                if isinstance(m, TransformerLayer) and m.is_moe]
+
+    # -- 2. one training step -------------------------------------------------------------------
+    def _forward_step_fn(self, batches: list, moe_acc: Optional[torch.Tensor]):
+        model, task, groups = self.model, self.task, self.groups
+
+        def forward_step(mb: int, inputs):
+            batch = batches[mb]
+            hidden = inputs[0] if inputs else None
+            out, aux = model(**task.model_inputs(batch, hidden))
+            if moe_acc is not None:
+                self._accumulate_moe(moe_acc)
+            if not groups.is_last_stage:
+                return StageOutput(outputs=[out], loss=aux)
+            lm = task.loss(out, batch)
+            return StageOutput(loss=lm + aux, report={"lm loss": lm.detach()})
+        return forward_step
+
+    def _accumulate_moe(self, acc: torch.Tensor) -> None:
+        for index, layer in self.moe_layers:
+            s = layer.mlp.last_stats
+            if s is None:
+                continue
+            acc[index] += torch.tensor([s.rows, s.centroids, s.bytes_fwd, s.bytes_bwd,
+                                        float(layer.last_aux_loss), 1.0], dtype=torch.float64)
+
+    def _next_batches(self, iterator: Iterator) -> list:
+        return [{k: v.to(self.device) for k, v in next(iterator).items()}
+                for _ in range(self.num_microbatches)]
+
+    def train_step(self, iterator: Iterator) -> dict:
+        """Run one global batch and the optimizer step; returns the iteration's metrics."""
+        start = time.perf_counter()
+        for _, layer in self.moe_layers:
+            layer.mlp.set_iteration(self.iteration)
+        self.optimizer.zero_grad()
+        moe_acc = torch.zeros(self.num_moe_layers, len(MOE_STAT_FIELDS), dtype=torch.float64)
+        batches = self._next_batches(iterator)
+        reports = forward_backward(self._forward_step_fn(batches, moe_acc),
+                                   self.num_microbatches, self.groups, self.p2p,
+                                   no_sync=self.ddp.no_sync,
+                                   loss_scale=self.optimizer.get_loss_scale,
+                                   schedule=self.config.parallel.pipeline_schedule)
+        self.ddp.finish_grad_sync()
+        allreduce_tied_embedding_grads(list(self.model.parameters()), self.groups)
+        result = self.optimizer.step()
+        if result.stepped:
+            self.scheduler.step()
+        self.iteration += 1
+        self.consumed_samples += self.global_batch_size
+        lm_loss = self._reduce_loss(reports)
+        if not math.isfinite(lm_loss) and result.stepped:
+            raise TrainingError(f"the lm loss is {lm_loss} at iteration {self.iteration} "
+                                f"(rank {self.rank}): stopping (use --fp16 loss scaling to "
+                                f"skip such steps, or lower the learning rate)")
+        elapsed = time.perf_counter() - start
+        tokens = self.global_batch_size * self.task.tokens_per_sample(self.config.model)
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "lm_loss": lm_loss, "lr": self.scheduler.get_lr(),
+                "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
+                "skipped": not result.stepped, "ms_per_iter": elapsed * 1e3,
+                "tokens_per_s": tokens / elapsed, "moe": self._reduce_moe(moe_acc)}
+
+    def _reduce_loss(self, reports: list) -> float:
+        """Mean lm loss over every micro-batch of every DP replica (same on every rank)."""
+        counts = self.groups.is_last_stage and self.groups.tp_rank == 0
+        total = sum(float(r["lm loss"]) for r in reports) if counts else 0.0
+        s, n = _world_sum([total, len(reports) if counts else 0.0], self.device)
+        return s / max(n, 1.0)
+
+    def _reduce_moe(self, acc: torch.Tensor) -> list:
+        """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss."""
+        if self.num_moe_layers == 0:
+            return []
+        if dist.is_initialized():
+            acc = acc.to(self.device)
+            dist.all_reduce(acc)
+        out = []
+        for rows, centroids, bfwd, bbwd, aux, present in acc.cpu().tolist():
+            out.append({"compression_rate": centroids / rows if rows else 1.0,
+                        "bytes_fwd": int(bfwd), "bytes_bwd": int(bbwd),
+                        "aux_loss": aux / present if present else 0.0})
+        return out
+
+    # -- 3. evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean validation lm loss over ``eval_iters`` fixed batches (None without data)."""
+        iterator = self.data.valid_iterator()
+        if iterator is None or self.config.training.eval_iters == 0:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for _ in range(self.config.training.eval_iters):
+            batches = self._next_batches(iterator)
+            reports = forward_backward(self._forward_step_fn(batches, None),
+                                       self.num_microbatches, self.groups, self.p2p,
+                                       forward_only=True)
+            total += self._reduce_loss(reports)
+            count += 1
+        self.model.train()
+        return total / count
+
+    # -- 4. checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly (this rank's share)."""
+        state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                 "model": self.model.state_dict(), "config": self.config.to_dict(),
+                 "rng_state": mp_random.state_dict()}
+        state["optimizer"] = self.optimizer.state_dict()
+        state["opt_param_scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def save(self) -> None:
+        """Write a checkpoint of the current iteration to ``--save``."""
+        save_dir = self.config.checkpoint.save
+        if not save_dir:
+            return
+        t0 = time.perf_counter()
+        final = checkpointing.save_checkpoint(self.iteration, self.state_dict(), save_dir,
+                                              self.groups, layout=self.layout)
+        self.log(f"> saved checkpoint at iteration {self.iteration} to {final} "
+                 f"({time.perf_counter() - t0:.1f} s)")
+
+    def _load(self, load_dir: str) -> None:
+        loaded = checkpointing.load_checkpoint(load_dir, self.groups,
+                                               expected_layout=self.layout)
+        if loaded is None:
+            self.log(checkpointing.no_checkpoint_warning(load_dir))
+            return
+        iteration, state = loaded
+        self.model.load_state_dict(state["model"])
+        ck = self.config.checkpoint
+        if ck.finetune:
+            self.log(f"> loaded model weights of iteration {iteration} for finetuning")
+            return
+        if not ck.no_load_optim and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        if not ck.no_load_rng:
+            mp_random.load_state_dict(state["rng_state"])
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.log(f"> resumed from {load_dir} at iteration {self.iteration} "
+                 f"({self.consumed_samples} samples consumed)")
+
+    # -- 5. the loop ----------------------------------------------------------------------------
+    def _should_exit(self) -> Optional[str]:
+        tr = self.config.training
+        if self.signal_handler is not None and self.signal_handler.any_received():
+            return "a termination signal"
+        if tr.exit_interval and self.iteration % tr.exit_interval == 0:
+            return f"--exit-interval {tr.exit_interval}"
+        if self.exit_timer is not None and self.exit_timer.expired():
+            return f"--exit-duration-in-mins {tr.exit_duration_in_mins}"
+        return None
+
+    def train(self) -> dict:
+        """Train to ``train_iters`` (or an exit condition); returns a summary."""
+        tr, ck = self.config.training, self.config.checkpoint
+        iterator = self.data.train_iterator(self.consumed_samples)
+        first_valid = last_valid = None
+        if self.iteration == 0 and self.data.has_valid:
+            first_valid = last_valid = self.evaluate()
+            self.logger.log_validation(0, {"lm loss": first_valid})
+        exit_reason, last = None, None
+        while self.iteration < tr.train_iters:
+            last = self.train_step(iterator)
+            self.logger.log_iteration(last)
+            saved = False
+            if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.data.has_valid:
+                last_valid = self.evaluate()
+                self.logger.log_validation(self.iteration, {"lm loss": last_valid})
+            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                self.save()
+                saved = True
+            exit_reason = self._should_exit()
+            if exit_reason:
+                if ck.save and not saved:
+                    self.save()
+                self.log(f"> exiting at iteration {self.iteration} because of {exit_reason}")
+                break
+        else:
+            if ck.save and (not ck.save_interval or self.iteration % ck.save_interval):
+                self.save()
+        self.logger.close()
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "last_lm_loss": last["lm_loss"] if last else None,
+                "first_valid_loss": first_valid, "last_valid_loss": last_valid,
+                "exit_reason": exit_reason}
+
+
+def pretrain(config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print) -> dict:
+    """Set up and run a pretraining job; the entry scripts call only this."""
+    trainer = Trainer(config, kind, log=log)
+    trainer.setup()
+    summary = trainer.train()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

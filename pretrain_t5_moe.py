@@ -1,0 +1,13 @@
+"""Pretrain T5-MoE (Megatron-style flags; see --help).
+
+    torchrun --nproc-per-node 4 pretrain_t5_moe.py --model-recipe tiny-t5-moe \
+        --expert-model-parallel-size 4 --moe-a2a-compression lsh --data-path PREFIX ...
+
+or python pretrain_t5_moe.py ... for one process.
+"""
+import sys
+
+from megatron_lsh.training.entry import main
+
+if __name__ == "__main__":
+    sys.exit(main("t5", default_recipe="tiny-t5-moe"))
