@@ -333,10 +333,12 @@ class Trainer:
 
 def pretrain(config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print) -> dict:
     """Set up and run a pretraining job; the entry scripts call only this."""
+    owns_process_group = not dist.is_initialized()
     trainer = Trainer(config, kind, log=log)
     trainer.setup()
     summary = trainer.train()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if owns_process_group:
+            dist.destroy_process_group()
     return summary
