@@ -6,6 +6,7 @@ model shape and MoE layout as defaults; any explicit flag overrides them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -52,10 +53,15 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 2
     config, _ = parse_args_with_namespace(argv, defaults, extra_args_provider=_recipe_flag)
+    from megatron_lsh.data.errors import DataError
+    from megatron_lsh.tokenizer import TokenizerError
+    from megatron_lsh.training.checkpointing import CheckpointError
     try:
         summary = pretrain(config, kind)
-    except (ConfigError, TrainingError) as error:
+    except (ConfigError, TrainingError, CheckpointError, DataError, TokenizerError) as error:
+        # One sentence, no traceback: these are problems with the input, not bugs.
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"> done: {summary}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"> done: {summary}")
     return 0

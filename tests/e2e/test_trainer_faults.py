@@ -1,0 +1,92 @@
+"""The trainer under faults: SIGTERM, SIGKILL during a save, NaN loss, bad --load input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.util import REPO, read_metrics, run_entry, tiny_run_args, write_synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_synthetic_corpus(str(tmp_path_factory.mktemp("corpus") / "synthetic"))
+
+
+def _env(**extra):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def _fault_run(fault, args, timeout=180):
+    cmd = [sys.executable, str(REPO / "tests/e2e/fault_runner.py"), "gpt", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(FAULT=fault), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_sigterm_saves_at_end_of_iteration_and_exits_zero(tmp_path, corpus):
+    metrics, ckpt = str(tmp_path / "m.jsonl"), str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=100000) + [
+        "--metrics-jsonl", metrics, "--save", ckpt, "--exit-signal-handler"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain_gpt_moe.py"), *args], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(metrics) and len(read_metrics(metrics)) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run did not reach iteration 3")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "because of a termination signal" in out
+    last = read_metrics(metrics)[-1]["iteration"]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == str(last)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus):
+    ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=12) + [
+        "--save", ckpt, "--save-interval", "4", "--metrics-jsonl", metrics]
+    killed = _fault_run("kill_during_save:8", args)
+    assert killed.returncode == -signal.SIGKILL
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "4"
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000008"))
+    resumed = run_entry("gpt", args + ["--load", ckpt], 1)
+    assert "resumed from" in resumed.stdout and "at iteration 4" in resumed.stdout
+    assert read_metrics(metrics)[-1]["iteration"] == 12
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "12"
+
+
+def test_nan_loss_stops_with_iteration_and_rank(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=10) + ["--eval-iters", "0"]
+    proc = _fault_run("nan_loss:9", args)  # 4 micro-batches per step: call 9 is in iteration 3
+    assert proc.returncode == 1
+    assert "error: the lm loss is nan at iteration 3 (rank 0)" in proc.stderr
+
+
+def test_missing_load_directory_starts_from_scratch(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3) + [
+        "--load", str(tmp_path / "does-not-exist")]
+    proc = run_entry("gpt", args, 1)
+    assert "does-not-exist" in proc.stdout and "from scratch" in proc.stdout
+    assert "'iteration': 3," in proc.stdout
+
+
+def test_incompatible_layout_is_refused(tmp_path, corpus):
+    ckpt = str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3) + ["--save", ckpt]
+    run_entry("gpt", args + ["--expert-model-parallel-size", "2"], 2)
+    proc = run_entry("gpt", args + ["--load", ckpt], 2, check=False)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert ours and all("layout" in line and "expert" in line for line in ours), proc.stderr
+    # torchrun reports the failed workers with its own traceback; ours print none.
+    assert "megatron_lsh/" not in proc.stderr, proc.stderr[-3000:]
