@@ -200,6 +200,10 @@ def _data_flags(parser):
     _add(g, "--data-path", "data", "data_path",
          "Dataset prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'.", nargs="+",
          show_default=False)
+    for part in ("train", "valid", "test"):
+        _add(g, f"--{part}-data-path", "data", f"{part}_data_path",
+             f"Separate {part} prefixes (instead of --data-path cut by --split).", nargs="+",
+             show_default=False)
     _add(g, "--split", "data", "split", "Train, validation, test weights.")
     _add(g, "--data-cache-path", "data", "data_cache_path",
          "Folder for the sample indices; next to the data when not given.")
@@ -301,8 +305,13 @@ def _check_cross_fields(given: dict, config: MegatronLSHConfig) -> None:
         raise ConfigError(f"--decoder-num-layers and --decoder-seq-length must be positive, got "
                           f"{m.decoder_num_layers} and {m.decoder_seq_length}")
     resolve_schedule(config.optimizer, t.train_iters)
-    if config.data.data_path:
-        _check_data_path(config.data.data_path)
+    d = config.data
+    for paths in (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path):
+        if paths:
+            _check_data_path(paths)
+    if d.data_path and (d.train_data_path or d.valid_data_path or d.test_data_path):
+        raise ConfigError("give either --data-path (cut by --split) or --train-data-path / "
+                          "--valid-data-path / --test-data-path, not both")
 
 
 def config_from_namespace(namespace: argparse.Namespace,

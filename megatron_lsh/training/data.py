@@ -37,9 +37,11 @@ class RunData:
         from megatron_lsh.data.builder import build_train_valid_test_datasets
         from megatron_lsh.data.special_tokens import SpecialTokenIds
 
-        if not config.data.data_path:
-            raise ConfigError("no training data: pass --data-path PREFIX (a preprocessed "
-                              ".bin/.idx prefix, optionally with blend weights)")
+        d = config.data
+        if not d.data_path and not d.train_data_path:
+            raise ConfigError("no training data: pass --data-path PREFIX or --train-data-path "
+                              "PREFIX (a preprocessed .bin/.idx prefix, optionally with blend "
+                              "weights)")
         self.config, self.groups = config, groups
         self.global_batch_size = global_batch_size
         tr = config.training
@@ -48,12 +50,14 @@ class RunData:
                        max(tr.eval_iters, 1) * global_batch_size, 0)
         self.train, self.valid, _ = build_train_valid_test_datasets(
             task.dataset_kind, seq_length=config.model.seq_length, seed=tr.seed,
-            num_samples=num_samples, data_path=config.data.data_path, split=config.data.split,
+            num_samples=num_samples, data_path=d.data_path or None, split=d.split,
+            train_data_path=d.train_data_path or None, valid_data_path=d.valid_data_path or None,
+            test_data_path=d.test_data_path or None,
             special=special, cache_dir=config.data.data_cache_path, log=log,
             **task.dataset_kwargs(config.model, config.data.mask_prob))
         if self.train is None:
-            raise ConfigError(f"the split {config.data.split!r} leaves no training documents in "
-                              f"{config.data.data_path}")
+            raise ConfigError(f"the split {d.split!r} leaves no training documents in "
+                              f"{d.data_path}")
 
     @property
     def has_valid(self) -> bool:
