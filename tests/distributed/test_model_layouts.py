@@ -1,0 +1,129 @@
+"""GPT-, RoBERTa- and T5-MoE on TP, PP, DP, EP and mixed layouts match one process.
+
+What is compared. For each model kind (the tiny stacks of ``layouts.tiny_config``: GPT and
+RoBERTa 4 layers, T5 2 + 2; MoE on every 2nd layer, 4 experts, top-2, dropless, aux and z
+loss on) and each compression (``none`` and ``lsh`` with L = 3 sign hashes), one training
+step of 4 micro-batches in fp32 on a layout of 2 or 4 gloo processes gives the same
+per-micro-batch LM loss, the same gradient of every parameter (gathered to full shape by
+name over TP and EP, after the DP / expert-DP reduction and the tied-embedding sum) and the
+same global grad norm as the single-process model, to rtol 1e-5 / atol 1e-6
+(``layouts.compare_with_reference``).
+
+Layouts (tp, pp, dp, ep): TP=2, PP=2, DP=2, EP=2 (dp 2), EP=4 (dp 4), and the mixed
+TP2xEP2, TP2xPP2xEP2, PP2xDP2xEP2 and TP2xDP2xEP4; plus TP=2 and TP2xEP2 with sequence
+parallelism for GPT and RoBERTa (T5 has none), where the load-balancing loss is off (each TP
+rank computes it on its sequence shard, which is not the whole micro-batch's loss).
+
+How LSH equivalence is shown. LSH clusters the rows one rank dispatches, per destination
+expert; what rank receives them (EP) does not matter, since rows are clustered before the
+all-to-all. With tp = 1 a rank dispatches the rows of whole micro-batches (DP and PP move
+whole micro-batches), which is exactly what the single-process model clusters micro-batch
+by micro-batch, so these layouts are compared with the unmodified single-process ``lsh``
+model: same clusters, same centroids, hence the same loss and gradients. With tp = 2 each
+TP rank dispatches only its share of a micro-batch's tokens, so its clusters never span two
+shares; the reference for those layouts is the single-process model whose MoE layers
+dispatch each share separately (``model_layouts_util.tp_share_reference``; with sequence
+parallelism the shares are the sequence shards, the same split). That this is
+not vacuous is checked too: LSH merged rows in every ``lsh`` job (centroids < rows summed
+over ranks) and none in ``none`` jobs, ``lsh`` changes the single-process loss, and the
+share split changes the ``lsh`` reference (so a TP layout that clustered across shares, or
+a reference that did, would fail). ``lsh`` with singleton clusters equal to ``none`` exactly
+is a single-process test in ``tests/unit/test_models.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_lsh.parallel.spawn import run_distributed
+from tests.distributed.layouts import compare_with_reference
+from tests.distributed.model_layouts_util import (COMPRESSIONS, KINDS, make_jobs, run_jobs,
+                                                  tp_share_reference)
+
+# (tp, pp, ep); dp = world / (tp * pp).
+WORLD2_LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 1, 2), (2, 1, 2)]
+WORLD4_LAYOUTS = [(1, 1, 4), (2, 2, 2), (1, 2, 2), (2, 1, 4)]
+WORLD2_JOBS = (make_jobs(2, WORLD2_LAYOUTS)
+               + make_jobs(2, [(2, 1, 1), (2, 1, 2)], kinds=("gpt", "roberta"),
+                           sequence_parallel=True))
+WORLD4_JOBS = make_jobs(4, WORLD4_LAYOUTS)
+
+_references: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """References run in this process: one intra-op thread (spinning OpenMP threads on the
+    shared 2-core machine make these tiny steps many times slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def reference_for(job):
+    """The single-process reference of a job (cached: several layouts share one)."""
+    shares = job["tp"] if job["compression"] == "lsh" else 1
+    key = (job["kind"], job["compression"], job["sequence_parallel"], shares)
+    if key not in _references:
+        _references[key] = tp_share_reference(job["kind"], job["moe"], shares)
+    return _references[key]
+
+
+@pytest.fixture(scope="module")
+def world2_results():
+    return run_distributed(run_jobs, 2, WORLD2_JOBS, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world4_results():
+    return run_distributed(run_jobs, 4, WORLD4_JOBS, timeout=600)
+
+
+def check_job(job, per_rank):
+    losses, grads, norm = reference_for(job)
+    compare_with_reference(per_rank, losses, grads, norm)
+
+
+@pytest.mark.parametrize("index", range(len(WORLD2_JOBS)), ids=[j["name"] for j in WORLD2_JOBS])
+def test_world2_layout_matches_single_process(world2_results, index):
+    check_job(WORLD2_JOBS[index], [rank[index] for rank in world2_results])
+
+
+@pytest.mark.parametrize("index", range(len(WORLD4_JOBS)), ids=[j["name"] for j in WORLD4_JOBS])
+def test_world4_layout_matches_single_process(world4_results, index):
+    check_job(WORLD4_JOBS[index], [rank[index] for rank in world4_results])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lsh_merged_rows_and_none_did_not(world, request):
+    """Every lsh job sent fewer centroids than rows; every none job sent each row."""
+    jobs = WORLD2_JOBS if world == 2 else WORLD4_JOBS
+    results = request.getfixturevalue(f"world{world}_results")
+    for index, job in enumerate(jobs):
+        rows = sum(rank[index]["rows"] for rank in results)
+        centroids = sum(rank[index]["centroids"] for rank in results)
+        assert rows > 0, job["name"]
+        if job["compression"] == "lsh":
+            assert centroids < rows, (job["name"], centroids, rows)
+        else:
+            assert centroids == rows, (job["name"], centroids, rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lsh_changes_the_single_process_model(kind):
+    """The lsh reference is not the none reference (the lsh comparisons test compression)."""
+    lsh_losses = torch.tensor(tp_share_reference(kind, COMPRESSIONS["lsh"], 1)[0])
+    none_losses = torch.tensor(tp_share_reference(kind, COMPRESSIONS["none"], 1)[0])
+    assert not torch.allclose(lsh_losses, none_losses, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_share_split_changes_the_lsh_reference(kind):
+    """Clustering each TP share separately differs from clustering the whole micro-batch, so
+    the TP lsh layouts really check that TP ranks cluster their own share only."""
+    _, split_grads, _ = tp_share_reference(kind, COMPRESSIONS["lsh"], 2)
+    _, whole_grads, _ = tp_share_reference(kind, COMPRESSIONS["lsh"], 1)
+    differs = [n for n in whole_grads
+               if not torch.allclose(split_grads[n], whole_grads[n], rtol=1e-5, atol=1e-6)]
+    assert differs
