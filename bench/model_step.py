@@ -47,6 +47,7 @@ if REPO not in sys.path:
 
 from megatron_lsh.config import ModelConfig, MoEConfig, OptimizerConfig  # noqa: E402
 from megatron_lsh.models import build_model, count_parameters, get_recipe  # noqa: E402
+from megatron_lsh.models.synthetic import synthetic_batch  # noqa: E402
 from megatron_lsh.moe import MoELayer  # noqa: E402
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel  # noqa: E402
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups  # noqa: E402
@@ -70,28 +71,6 @@ def variant_configs(recipe_name: str, variant: str) -> tuple[str, ModelConfig, M
     elif variant == "moe-lsh":
         moe = replace(moe, a2a_compression="lsh")
     return recipe.kind, recipe.model(), moe
-
-
-def synthetic_batch(kind: str, config: ModelConfig, batch: int, seed: int) -> dict:
-    """Random tokens shaped for ``kind``: model inputs plus ``loss_mask``."""
-    g = torch.Generator().manual_seed(seed)
-    s, v = config.seq_length, config.vocab_size
-    if kind == "gpt":
-        tokens = torch.randint(0, v, (batch, s + 1), generator=g)
-        return dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(batch, s))
-    if kind == "roberta":
-        tokens = torch.randint(1, v, (batch, s), generator=g)
-        masked = torch.rand(batch, s, generator=g) < 0.15
-        return dict(input_ids=torch.where(masked, torch.zeros_like(tokens), tokens),
-                    padding_mask=torch.ones(batch, s, dtype=torch.bool), labels=tokens,
-                    loss_mask=masked.float())
-    sd = config.decoder_seq_length
-    labels = torch.randint(1, v, (batch, sd), generator=g)
-    return dict(encoder_input_ids=torch.randint(1, v, (batch, s), generator=g),
-                encoder_padding_mask=torch.ones(batch, s, dtype=torch.bool),
-                decoder_input_ids=torch.cat([torch.zeros(batch, 1, dtype=torch.long),
-                                             labels[:, :-1]], dim=1),
-                labels=labels, loss_mask=torch.ones(batch, sd))
 
 
 def worker(rank: int, world: int, job: dict) -> dict:

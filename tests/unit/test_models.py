@@ -31,6 +31,7 @@ import torch
 
 from megatron_lsh.config import ModelConfig, MoEConfig, OptimizerConfig
 from megatron_lsh.models import build_model, get_recipe
+from megatron_lsh.models.synthetic import synthetic_batch
 from megatron_lsh.models.recipes import count_parameters, count_recipe, main as recipes_main
 from megatron_lsh.moe import MoELayer
 from megatron_lsh.parallel.dims import ProcessGroups
@@ -52,30 +53,8 @@ def one_thread():
 
 
 def fixed_batch(kind: str, config: ModelConfig, batch: int = 2, seed: int = 0) -> dict:
-    """One batch of random tokens, with inputs, labels and loss mask for ``kind``.
-
-    RoBERTa: 15% of the positions (and the first) replaced by token 0 and predicted; T5: the
-    decoder reads its labels shifted right behind token 0.
-    """
-    g = torch.Generator().manual_seed(seed)
-    s, v = config.seq_length, config.vocab_size
-    if kind == "gpt":
-        tokens = torch.randint(0, v, (batch, s + 1), generator=g)
-        return dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(batch, s))
-    if kind == "roberta":
-        tokens = torch.randint(1, v, (batch, s), generator=g)
-        masked = torch.rand(batch, s, generator=g) < 0.15
-        masked[:, 0] = True
-        return dict(input_ids=torch.where(masked, torch.zeros_like(tokens), tokens),
-                    padding_mask=torch.ones(batch, s, dtype=torch.bool), labels=tokens,
-                    loss_mask=masked.float())
-    sd = config.decoder_seq_length
-    labels = torch.randint(1, v, (batch, sd), generator=g)
-    return dict(encoder_input_ids=torch.randint(1, v, (batch, s), generator=g),
-                encoder_padding_mask=torch.ones(batch, s, dtype=torch.bool),
-                decoder_input_ids=torch.cat([torch.zeros(batch, 1, dtype=torch.long),
-                                             labels[:, :-1]], dim=1),
-                labels=labels, loss_mask=torch.ones(batch, sd))
+    """One batch of random tokens, with inputs, labels and loss mask for ``kind``."""
+    return synthetic_batch(kind, config, batch, seed)
 
 
 def forward_loss(model, kind: str, batch: dict):
