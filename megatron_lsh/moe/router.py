@@ -1,0 +1,166 @@
+"""Top-k router: softmax scores over experts, top-k choice, capacity, load-balancing losses.
+
+The router is a replicated (dense) linear ``[E, H]``. Its math runs in fp32 (or the input's
+precision if that is higher, so float64 gradient checks work): small differences in the
+logits would otherwise flip expert choices between otherwise identical runs.
+
+Gate weights: for top-1 the gate is the chosen expert's softmax probability (Switch), so the
+router learns from the task loss; for top-k > 1 the k probabilities are renormalised to sum
+to 1 (GShard).
+
+Capacity (``capacity_factor`` not None): each expert keeps at most
+``ceil(T * k / E * capacity_factor)`` of this rank's rows, those with the highest gate weight
+(Megatron's "probs" drop policy); dropped rows contribute nothing to their token's output.
+``capacity_factor=None`` is dropless.
+
+Losses are returned, already multiplied by their coefficients (never collected in globals):
+
+* aux (Switch / GShard load balancing): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the share
+  of the ``T * k`` choices that picked expert e (before dropping) and ``P_e`` the mean softmax
+  probability of e over the tokens;
+* z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t) ** 2``.
+
+Legend: T tokens, H hidden, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from megatron_lsh.config import ConfigError
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, no Python hash randomisation)."""
+    value = 0x2545F4914F6CDD1D
+    for part in parts:
+        value = (value * 0x9E3779B97F4A7C15 + int(part) + 0x632BE59BD9B4E019) % (2 ** 64)
+        value ^= value >> 29
+    return value % (2 ** 63)
+
+
+@dataclass
+class Routing:
+    """What the router decided for each token (all tensors on the input's device)."""
+
+    gates_TK: torch.Tensor
+    """Gate weight of each chosen expert (fp32 or higher, differentiable)."""
+    experts_TK: torch.Tensor
+    """Chosen expert indices (int64)."""
+    kept_TK: Optional[torch.Tensor]
+    """False where the capacity dropped the row; None when nothing can be dropped."""
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    projections_TX: Optional[torch.Tensor] = None
+    """``x @ extra`` when the router was given extra columns (the LSH rotations), else None."""
+
+
+class _LogitsAndProjections(torch.autograd.Function):
+    """``x @ [W^T | extra]`` in one matmul: one read of the tokens serves the router and the
+    LSH hash. Gradients flow to ``x`` and ``W`` only (the projections are not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, weight_EH, extra_HX):
+        ctx.save_for_backward(x_TH, weight_EH)
+        out = x_TH @ torch.cat([weight_EH.t(), extra_HX], dim=1)
+        num_experts = weight_EH.shape[0]
+        projections = out[:, num_experts:].contiguous()
+        ctx.mark_non_differentiable(projections)
+        return out[:, :num_experts].contiguous(), projections
+
+    @staticmethod
+    def backward(ctx, grad_logits_TE, grad_projections):
+        x_TH, weight_EH = ctx.saved_tensors
+        grad_x = grad_logits_TE @ weight_EH if ctx.needs_input_grad[0] else None
+        grad_w = grad_logits_TE.t() @ x_TH if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+class TopKRouter(nn.Module):
+    """Linear scores -> softmax -> top-k experts per token, with capacity and aux losses."""
+
+    def __init__(self, hidden_size: int, num_experts: int, topk: int, *,
+                 capacity_factor: Optional[float] = None, aux_loss_coeff: float = 0.0,
+                 z_loss_coeff: float = 0.0, init_method_std: float = 0.02, seed: int = 1234,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not 1 <= topk <= num_experts:
+            raise ConfigError(f"moe_router_topk ({topk}) must be between 1 and num_experts "
+                              f"({num_experts})")
+        self.num_experts, self.topk = num_experts, topk
+        self.capacity_factor = capacity_factor
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.init_method_std, self.seed = init_method_std, seed
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=params_dtype,
+                                               device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) from the layer's seed: identical on every rank."""
+        if self.weight.is_meta:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        full = torch.empty(self.weight.shape, dtype=torch.float32)
+        full.normal_(0.0, self.init_method_std, generator=gen)
+        with torch.no_grad():
+            self.weight.copy_(full)
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Rows each expert may keep from ``num_tokens`` local tokens (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(num_tokens * self.topk / self.num_experts * self.capacity_factor)
+
+    def forward(self, x_TH: torch.Tensor, extra_HX: Optional[torch.Tensor] = None) -> Routing:
+        """Route ``x_TH``; see the module docstring for gates, capacity and losses.
+
+        ``extra_HX``: more columns to multiply the tokens by in the same matmul (the LSH
+        rotations); the result comes back as ``Routing.projections_TX``.
+        """
+        compute_dtype = torch.promote_types(x_TH.dtype, torch.float32)
+        projections_TX = None
+        if extra_HX is None:
+            logits_TE = x_TH.to(compute_dtype) @ self.weight.to(compute_dtype).t()
+        else:
+            logits_TE, projections_TX = _LogitsAndProjections.apply(
+                x_TH.to(compute_dtype), self.weight.to(compute_dtype), extra_HX.to(compute_dtype))
+        num_tokens = logits_TE.shape[0]
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+        top_p_TK, experts_TK = torch.topk(scores_TE, self.topk, dim=-1)
+        gates_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.topk > 1 else top_p_TK
+
+        with torch.no_grad():
+            chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+            chosen_TE.scatter_(1, experts_TK, True)
+        aux_loss, z_loss = self._losses(logits_TE, scores_TE, chosen_TE, num_tokens)
+
+        kept_TK = None
+        cap = self.capacity(num_tokens)
+        if cap is not None and cap < num_tokens:
+            with torch.no_grad():
+                # Per expert, keep the `cap` chosen rows with the highest gate weight.
+                gate_TE = torch.full_like(scores_TE, -1.0)
+                gate_TE.scatter_(1, experts_TK, gates_TK.detach())
+                best = torch.topk(gate_TE, cap, dim=0).indices
+                keep_TE = torch.zeros_like(chosen_TE).scatter_(0, best, True) & chosen_TE
+                kept_TK = keep_TE.gather(1, experts_TK)
+        return Routing(gates_TK, experts_TK, kept_TK, aux_loss, z_loss, projections_TX)
+
+    def _losses(self, logits_TE, scores_TE, chosen_TE, num_tokens):
+        # Connected to the graph even when zero, so every rank's backward looks the same.
+        zero = logits_TE.sum() * 0.0
+        if num_tokens == 0:
+            return zero, zero
+        aux_loss = zero
+        if self.aux_loss_coeff > 0:
+            choice_share_E = chosen_TE.sum(0).to(scores_TE.dtype) / (num_tokens * self.topk)
+            mean_prob_E = scores_TE.mean(0)
+            aux_loss = self.aux_loss_coeff * self.num_experts * (choice_share_E * mean_prob_E).sum()
+        z_loss = zero
+        if self.z_loss_coeff > 0:
+            z_loss = self.z_loss_coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return aux_loss, z_loss

@@ -1,0 +1,180 @@
+"""Expert-parallel collectives with autograd: the variable all-to-all and the TP token split.
+
+* :func:`all_to_all` sends row chunks of variable size to every rank of a group
+  (``torch.distributed.all_to_all_single``: on gloo the list form fails on uneven sizes).
+  Its backward is the same exchange with input and output splits swapped. An optional
+  :class:`WireCodec` encodes what goes on the wire (e.g. bf16 or fp8 rows) in both directions,
+  so gradients travel in the same format as activations.
+* :func:`exchange_counts` tells every rank how many rows it will receive (the split sizes are
+  exchanged before the rows, so the receiver can size its buffer).
+* :func:`split_to_tp` / :func:`gather_from_tp` cut the tokens that are replicated on the ranks
+  of a tensor-parallel group into one share per rank before the dispatch, and put the shares
+  back together after it, so that no token crosses the network twice.
+
+A group that is ``None`` (or of size 1) makes every function here the identity (apart from the
+codec round trip, which is kept so numerics do not depend on the number of ranks).
+
+Legend: N rows sent, M rows received, T tokens, H hidden (or any trailing shape).
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """Size of ``group``; 1 for ``None`` (no torch.distributed, or a one-rank group)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    """This rank's index in ``group``; 0 for ``None``."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+class WireCodec(Protocol):
+    """How rows are encoded for the wire; applied to activations and to their gradients."""
+
+    def encode(self, x_NH: torch.Tensor) -> torch.Tensor:
+        """Rows -> wire tensor with the same first dimension N (any dtype gloo/NCCL can send)."""
+
+    def decode(self, wire_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Wire tensor -> rows of ``dtype``."""
+
+    def row_bytes(self, hidden: int, dtype: torch.dtype) -> int:
+        """Bytes one encoded row of width ``hidden`` takes on the wire."""
+
+
+def _exchange(x_NH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+              group: Optional[dist.ProcessGroup], codec: Optional[WireCodec]) -> torch.Tensor:
+    """One all-to-all of (encoded) rows; no autograd."""
+    dtype = x_NH.dtype
+    wire = codec.encode(x_NH) if codec is not None else x_NH
+    if group_size(group) > 1:
+        wire = wire.contiguous()
+        out = wire.new_empty((int(sum(output_splits)),) + tuple(wire.shape[1:]))
+        dist.all_to_all_single(out, wire, list(output_splits), list(input_splits), group=group)
+    else:
+        out = wire
+    return codec.decode(out, dtype) if codec is not None else out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Variable all-to-all; the backward sends gradients back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x_NH, output_splits, input_splits, group, codec):
+        ctx.splits = (list(output_splits), list(input_splits))
+        ctx.group, ctx.codec = group, codec
+        return _exchange(x_NH, output_splits, input_splits, group, codec)
+
+    @staticmethod
+    def backward(ctx, grad_MH):
+        output_splits, input_splits = ctx.splits
+        # Swapped: what this rank received in the forward it now sends back as gradient.
+        grad_NH = _exchange(grad_MH.contiguous(), input_splits, output_splits, ctx.group,
+                            ctx.codec)
+        return grad_NH, None, None, None, None
+
+
+def all_to_all(x_NH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+               group: Optional[dist.ProcessGroup], codec: Optional[WireCodec] = None
+               ) -> torch.Tensor:
+    """Send ``input_splits[r]`` consecutive rows of ``x_NH`` to rank r; receive ``output_splits``.
+
+    Differentiable (backward = the reverse exchange). Without a group and codec it returns
+    ``x_NH`` itself.
+    """
+    if group_size(group) == 1 and codec is None:
+        return x_NH
+    return _AllToAll.apply(x_NH, list(output_splits), list(input_splits), group, codec)
+
+
+def exchange_counts(send_counts_RK: torch.Tensor,
+                    group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Row r of ``send_counts_RK`` goes to rank r; returns row s = what rank s sends to us.
+
+    Used to exchange per-expert row counts (``K`` local experts per rank) before the rows,
+    so each receiver knows its output split sizes. Integer tensor, no autograd.
+    """
+    if group_size(group) == 1:
+        return send_counts_RK.clone()
+    send = send_counts_RK.contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def tp_share_sizes(num_tokens: int, tp_size: int) -> list[int]:
+    """Tokens of each TP rank's share: as equal as possible, the first ones one larger."""
+    base, extra = divmod(num_tokens, tp_size)
+    return [base + (1 if r < extra else 0) for r in range(tp_size)]
+
+
+def _all_gather_rows(x_TH: torch.Tensor, sizes: list[int],
+                     group: dist.ProcessGroup) -> torch.Tensor:
+    """All-gather row shares of uneven sizes (padded to the largest, then trimmed)."""
+    width = max(sizes)
+    padded = x_TH.new_zeros((width,) + tuple(x_TH.shape[1:]))
+    padded[: x_TH.shape[0]] = x_TH
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def _own_share(x_TH: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x_TH[start:start + sizes[rank]]
+
+
+class _SplitToTP(torch.autograd.Function):
+    """Forward: keep this rank's share of replicated tokens. Backward: all-gather the shares.
+
+    The input is identical on every TP rank and each rank's share is used by that rank only,
+    so the full gradient is the concatenation of the share gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, group, rank, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        return _own_share(x_TH, sizes, rank).clone()
+
+    @staticmethod
+    def backward(ctx, grad_share):
+        return _all_gather_rows(grad_share.contiguous(), ctx.sizes, ctx.group), None, None, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward: all-gather the shares. Backward: keep this rank's share of the gradient.
+
+    The gathered output is used identically on all TP ranks, so the incoming gradient is the
+    same everywhere and each rank owns exactly the slice that belongs to its share.
+    """
+
+    @staticmethod
+    def forward(ctx, x_share, group, rank, sizes):
+        ctx.rank, ctx.sizes = rank, sizes
+        return _all_gather_rows(x_share.contiguous(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        return _own_share(grad_TH, ctx.sizes, ctx.rank).clone(), None, None, None
+
+
+def split_to_tp(x_TH: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """This TP rank's share of tokens that are replicated over ``group`` (autograd-correct)."""
+    size = group_size(group)
+    if size == 1:
+        return x_TH
+    return _SplitToTP.apply(x_TH, group, group_rank(group), tp_share_sizes(x_TH.shape[0], size))
+
+
+def gather_from_tp(x_share: torch.Tensor, num_tokens: int,
+                   group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Reassemble the ``num_tokens`` replicated tokens from the TP shares (autograd-correct)."""
+    size = group_size(group)
+    if size == 1:
+        return x_share
+    return _GatherFromTP.apply(x_share, group, group_rank(group), tp_share_sizes(num_tokens, size))

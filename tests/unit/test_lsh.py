@@ -1,0 +1,261 @@
+"""LSH compression: hashing, bucket keys, clustering, restore, gradients, rotations, real text."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lsh.config import MoEConfig
+from megatron_lsh.moe import MoELayer, lsh
+from megatron_lsh.moe.compression import LSHCompressor, Rows, weighted_sum_into_tokens
+from megatron_lsh.moe.dispatcher import AllToAllDispatcher
+from megatron_lsh.moe.experts import GroupedExperts
+from megatron_lsh.moe.router import Routing
+from megatron_lsh.moe.stats import StageTimer
+from megatron_lsh.moe.text_states import text_states
+from megatron_lsh.parallel.dims import ProcessGroups
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "moe" / "hamlet_act1_scene1.txt"
+
+
+def _sorted_rows(num_rows, hidden, num_experts, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, hidden, generator=gen, dtype=dtype)
+    experts = torch.sort(torch.randint(0, num_experts, (num_rows,), generator=gen)).values
+    return x, experts
+
+
+def _rows(x, experts, num_experts, gates=None):
+    """A Rows batch where each row is its own token (k = 1)."""
+    n = x.shape[0]
+    gates = torch.ones(n, dtype=x.dtype) if gates is None else gates
+    return Rows(x, experts, torch.arange(n), gates, torch.bincount(experts, minlength=num_experts),
+                torch.arange(n), 1)
+
+
+def test_cross_polytope_codes_follow_the_definition():
+    x, _ = _sorted_rows(200, 32, 1)
+    L, m = 5, 3
+    rot = lsh.draw_rotations(32, L, m, seed=3)
+    codes, radices = lsh.hash_codes(x, rot, L, m, "cross_polytope")
+    proj = (x @ rot).view(200, L, m)
+    expected = torch.cat([proj, -proj], dim=-1).argmax(-1)
+    assert torch.equal(codes, expected)
+    assert radices == [2 * m] * L and int(codes.max()) < 2 * m
+
+
+def test_spherical_plane_codes_are_sign_bits_packed_in_words():
+    x, _ = _sorted_rows(100, 64, 1)
+    L, m = 2, 40  # 40 bits per function: two words of 31 + 9 bits
+    rot = lsh.draw_rotations(64, L, m, seed=1)
+    codes, radices = lsh.hash_codes(x, rot, L, m, "spherical_plane")
+    assert codes.shape == (100, 4) and radices == [2 ** 31, 2 ** 9] * 2
+    bits = ((x @ rot).view(100, L, m) > 0).long()
+    low = (bits[..., :31] * 2 ** torch.arange(31)).sum(-1)
+    high = (bits[..., 31:] * 2 ** torch.arange(9)).sum(-1)
+    assert torch.equal(codes, torch.stack([low, high], -1).reshape(100, 4))
+
+
+def test_rotations_are_seeded_and_orthonormal_per_function():
+    a = lsh.draw_rotations(48, 4, 3, seed=11)
+    assert torch.equal(a, lsh.draw_rotations(48, 4, 3, seed=11))
+    assert not torch.equal(a, lsh.draw_rotations(48, 4, 3, seed=12))
+    blocks = a.view(48, 4, 3).permute(1, 0, 2)
+    gram = blocks.transpose(1, 2) @ blocks
+    assert torch.allclose(gram, torch.eye(3).expand(4, 3, 3), atol=1e-5)
+
+
+def test_bucket_ids_never_collide_when_keys_need_more_than_64_bits():
+    # L = 10 cross-polytope codes with m = 64: 10 * 7 = 70 bits, plus the expert column.
+    radices = [8] + [128] * 10
+    assert lsh.radix_bits(radices) > 64
+    gen = torch.Generator().manual_seed(0)
+    columns = torch.stack([torch.randint(0, r, (500,), generator=gen) for r in radices], 1)
+    columns[250:] = columns[:250]                       # guaranteed duplicates
+    columns[100, 1] = (columns[100, 1] + 1) % 128       # differs only in the top code
+    ids, num = lsh.bucket_ids(columns, radices)
+    uniq, expected = torch.unique(columns, dim=0, return_inverse=True)
+    assert num == uniq.shape[0] and torch.equal(ids, expected)
+
+    # A naive int64 radix key wraps around and merges two different rows.
+    a = torch.tensor([[0, 1] + [0] * 9])
+    b = torch.tensor([[0, 0] + [0] * 9])
+    a[0, 1], b[0, 1] = 64, 0                            # 64 * 128^9 = 2^69 = 0 mod 2^64
+    pair = torch.cat([a, b])
+    naive = torch.zeros(2, dtype=torch.int64)
+    for w, r in enumerate(radices):
+        naive = naive * r + pair[:, w]
+    assert naive[0] == naive[1]
+    ids, num = lsh.bucket_ids(pair, radices)
+    assert num == 2 and ids[0] != ids[1]
+
+
+def test_clusters_group_rows_of_one_expert_by_key_in_first_row_order():
+    experts = torch.tensor([0, 0, 0, 1, 1, 2])
+    codes = torch.tensor([[3], [1], [3], [3], [3], [0]])
+    clusters = lsh.cluster_rows(experts, codes, [4], num_experts=4)
+    assert clusters.cluster_of_row.tolist() == [0, 1, 0, 2, 2, 3]
+    assert clusters.rows_per_cluster.tolist() == [2, 1, 2, 1]
+    assert clusters.centroids_per_expert.tolist() == [2, 1, 1, 0]
+
+
+def test_segment_mean_gives_each_row_grad_over_n():
+    x = torch.randn(5, 3, requires_grad=True)
+    clusters = lsh.cluster_rows(torch.zeros(5, dtype=torch.long),
+                                torch.tensor([[0], [1], [0], [0], [1]]), [2], 1)
+    centroids = lsh.segment_mean(x, clusters)
+    assert torch.allclose(centroids[0], x[[0, 2, 3]].mean(0))
+    centroids.backward(torch.ones_like(centroids))
+    assert torch.allclose(x.grad[:, 0], torch.tensor([1 / 3, 1 / 2, 1 / 3, 1 / 3, 1 / 2]))
+
+
+def _dispatch(x_TH, routing, experts, compressor, with_stats=False):
+    out, stats = AllToAllDispatcher(experts.num_experts, None, compressor)(x_TH, routing, experts)
+    return (out, stats) if with_stats else out
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_lsh_with_singleton_clusters_equals_no_compression_exactly(compensation):
+    """Enough hash bits that every row is its own cluster: centroids are the rows."""
+    hidden, num_experts = 16, 4
+    experts = GroupedExperts(num_experts, hidden, 32, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(40, hidden, generator=gen)
+    routing = Routing(torch.rand(40, 2, generator=gen), torch.stack(
+        [torch.randint(0, 2, (40,), generator=gen), torch.randint(2, 4, (40,), generator=gen)],
+        1), None, None, None)
+    comp = LSHCompressor(hidden, num_experts, num_hashes=10, rotation_dim=64,
+                         compensation=compensation)
+    results = []
+    for compressor in (None, comp):
+        x = x0.clone().requires_grad_()
+        gates = routing.gates_TK.clone().requires_grad_()
+        y, stats = _dispatch(x, Routing(gates, routing.experts_TK, None, None, None), experts,
+                             compressor, with_stats=True)
+        assert stats.centroids == stats.rows == 80
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        results.append((y.detach(), x.grad, gates.grad))
+        experts.zero_grad()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_identity_expert_with_compensation_restores_rows_exactly():
+    x, experts = _sorted_rows(300, 8, 3)
+    comp = LSHCompressor(8, 3, num_hashes=2, rotation_dim=1)
+    payload, _, context = comp.compress(_rows(x, experts, 3), StageTimer(False))
+    assert payload.shape[0] < 300                       # clusters do merge rows
+    assert torch.equal(comp.restore(payload.clone(), context, StageTimer(False)), x)
+
+
+def test_fused_combine_equals_restore_then_weighted_sum():
+    x, experts = _sorted_rows(120, 8, 3, seed=4)
+    gates = torch.rand(120)
+    rows = _rows(x, experts, 3, gates)
+    comp = LSHCompressor(8, 3, num_hashes=3, rotation_dim=1)
+    payload, _, context = comp.compress(rows, StageTimer(False))
+    expert_out = torch.tanh(payload * 3.0)
+    fused = comp.combine(expert_out, context, rows, StageTimer(False))
+    reference = weighted_sum_into_tokens(comp.restore(expert_out, context, StageTimer(False)), rows)
+    assert torch.allclose(fused, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_gradcheck_lsh_dispatch_path(compensation):
+    """float64 gradcheck of compress -> experts -> combine, w.r.t. tokens and gates."""
+    torch.manual_seed(0)
+    num_tokens, hidden, num_experts = 12, 6, 3
+    experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
+    comp = LSHCompressor(hidden, num_experts, num_hashes=2, rotation_dim=1,
+                         compensation=compensation)
+    experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(num_tokens, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, gates):
+        return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
+
+    sent = AllToAllDispatcher(num_experts, None, comp)(
+        x, Routing(gates, experts_TK, None, None, None), experts)[1].centroids
+    assert sent < 2 * num_tokens                        # the check covers merged clusters
+    assert torch.autograd.gradcheck(fn, (x, gates), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_gradcheck_whole_layer_with_lsh(compensation):
+    torch.manual_seed(1)
+    cfg = MoEConfig(num_experts=4, router_topk=2, a2a_compression="lsh", lsh_num_hashes=2,
+                    lsh_rotation_dim=1, lsh_compensation=compensation, z_loss_coeff=1e-2)
+    layer = MoELayer(cfg, 6, 8, ProcessGroups.single(), params_dtype=torch.float64, seed=3)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        y, losses = layer(x)
+        return y, losses["aux_loss"], losses["z_loss"]
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_rotations_live_in_the_state_dict_and_redraw_on_schedule():
+    cfg = MoEConfig(num_experts=4, a2a_compression="lsh", lsh_redraw_interval=10)
+    layer = MoELayer(cfg, 16, 32, ProcessGroups.single(), seed=7)
+    first = layer.compressor.rotations.clone()
+    assert "compressor.rotations" in layer.state_dict()
+    layer.set_iteration(9)
+    assert torch.equal(layer.compressor.rotations, first)
+    layer.set_iteration(25)                             # epoch 2: redrawn
+    redrawn = layer.compressor.rotations.clone()
+    assert not torch.equal(redrawn, first)
+
+    other = MoELayer(cfg, 16, 32, ProcessGroups.single(), seed=7)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.compressor.rotations, redrawn)
+    other.set_iteration(26)                             # same epoch after resume: no redraw
+    assert torch.equal(other.compressor.rotations, redrawn)
+    other.set_iteration(30)                             # the draw for an epoch is fixed
+    layer.set_iteration(30)
+    assert torch.equal(other.compressor.rotations, layer.compressor.rotations)
+
+
+def _text_rows(hidden=64, num_experts=8):
+    x = text_states(FIXTURE.read_text(), hidden)
+    gen = torch.Generator().manual_seed(1)
+    router = torch.randn(num_experts, hidden, generator=gen)
+    experts = torch.topk(x @ router.t(), 2, dim=-1).indices.reshape(-1)
+    token = torch.arange(x.shape[0]).repeat_interleave(2)
+    order = torch.argsort(experts, stable=True)
+    return x[token[order]], experts[order]
+
+
+def _rate_and_cos(rows, experts, num_hashes, rotation_dim, hash_type, seeds=(0, 1, 2)):
+    rates, coss = [], []
+    for seed in seeds:
+        rot = lsh.draw_rotations(rows.shape[1], num_hashes, rotation_dim, seed)
+        codes, radices = lsh.hash_codes(rows, rot, num_hashes, rotation_dim, hash_type)
+        clusters = lsh.cluster_rows(experts, codes, radices, 8)
+        centroids = lsh.segment_mean(rows, clusters)
+        rates.append(clusters.num_clusters / rows.shape[0])
+        coss.append(float(lsh.mean_cosine(rows, torch.arange(rows.shape[0]), centroids, clusters,
+                                          max_rows=10 ** 9)))
+    return sum(rates) / len(rates), sum(coss) / len(coss)
+
+
+def test_real_text_rate_falls_as_the_number_of_hashes_falls():
+    rows, experts = _text_rows()
+    points = [_rate_and_cos(rows, experts, L, 1, "cross_polytope") for L in (2, 4, 6, 8, 10)]
+    rates, coss = zip(*points)
+    assert all(a < b for a, b in zip(rates, rates[1:])), rates
+    assert all(a < b for a, b in zip(coss, coss[1:])), coss
+    assert rates[2] < 0.25                              # L = 6: under a quarter of the rows
+
+
+def test_cross_polytope_keeps_more_cosine_than_spherical_plane_at_similar_rate():
+    """Same buckets per function (2m = 2^m'); CP's cos read off its curve at SP's rates."""
+    rows, experts = _text_rows()
+    for cp_m, sp_m in ((8, 4), (16, 5)):
+        cp = [_rate_and_cos(rows, experts, L, cp_m, "cross_polytope") for L in (1, 2, 3, 4)]
+        sp_rate, sp_cos = _rate_and_cos(rows, experts, 2, sp_m, "spherical_plane")
+        lower = max(p for p in cp if p[0] <= sp_rate)
+        upper = min(p for p in cp if p[0] >= sp_rate)
+        t = 0.0 if upper[0] == lower[0] else (sp_rate - lower[0]) / (upper[0] - lower[0])
+        cp_cos = lower[1] + t * (upper[1] - lower[1])
+        assert cp_cos > sp_cos, (cp_m, sp_m, cp, sp_rate, sp_cos)
