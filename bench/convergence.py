@@ -5,7 +5,7 @@ preprocessed Shakespeare corpus that ``examples/quickstart.sh`` prepares, with i
 seeds, data order and schedule, and plots training and validation loss against iteration.
 
     .venv/bin/python bench/convergence.py                 # none vs lsh, 200 iterations
-    .venv/bin/python bench/convergence.py --iters 400 --variants none lsh lsh-nocomp cast-fp8
+    .venv/bin/python bench/convergence.py --iters 400 --variants none lsh lsh-m2 lsh-nocomp cast-fp8
 
 Prints a table (final train loss averaged over the last 20 iterations, final validation
 loss, mean compression rate, a2a bytes per iteration, ms per iteration) and writes
@@ -27,6 +27,8 @@ VARIANTS = {
     "none": ["--moe-a2a-compression", "none"],
     "lsh": ["--moe-a2a-compression", "lsh"],
     "lsh-nocomp": ["--moe-a2a-compression", "lsh", "--moe-lsh-no-compensation"],
+    "lsh-m2": ["--moe-a2a-compression", "lsh", "--moe-lsh-rotation-dim", "2"],
+    "lsh-L10": ["--moe-a2a-compression", "lsh", "--moe-lsh-num-hashes", "10"],
     "cast-bf16": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "bf16"],
     "cast-fp8": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"],
 }
