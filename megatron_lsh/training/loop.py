@@ -299,6 +299,13 @@ class Trainer:
     def train(self) -> dict:
         """Train to ``train_iters`` (or an exit condition); returns a summary."""
         tr, ck = self.config.training, self.config.checkpoint
+        if self.iteration >= tr.train_iters:
+            self.log(f"> already trained to iteration {self.iteration} (--train-iters "
+                     f"{tr.train_iters}): nothing to do")
+            self.logger.close()
+            return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                    "last_lm_loss": None, "first_valid_loss": None, "last_valid_loss": None,
+                    "exit_reason": "train_iters reached"}
         iterator = self.data.train_iterator(self.consumed_samples)
         first_valid = last_valid = None
         if self.iteration == 0 and self.data.has_valid:

@@ -90,3 +90,11 @@ def test_incompatible_layout_is_refused(tmp_path, corpus):
     assert ours and all("layout" in line and "expert" in line for line in ours), proc.stderr
     # torchrun reports the failed workers with its own traceback; ours print none.
     assert "megatron_lsh/" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_rerun_after_the_last_iteration_does_nothing(tmp_path, corpus):
+    ckpt = str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3) + ["--save", ckpt, "--load", ckpt]
+    run_entry("gpt", args, 1)
+    again = run_entry("gpt", args, 1)
+    assert "already trained to iteration 3 (--train-iters 3): nothing to do" in again.stdout
