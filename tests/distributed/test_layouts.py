@@ -26,6 +26,7 @@ def test_dense_gpt_layout_matches_single_process(dense_reference, tp, pp, dp):
     config, (losses, grads, norm) = dense_reference
     results = run_distributed(parallel_step_worker, tp * pp * dp, "gpt", config, MoEConfig(),
                               tp, pp, 1, timeout=240)
+    assert len(results) == tp * pp * dp
     compare_with_reference(results, losses, grads, norm)
 
 
@@ -33,6 +34,7 @@ def test_sequence_parallel_matches_single_process(dense_reference):
     config, (losses, grads, norm) = dense_reference
     results = run_distributed(parallel_step_worker, 4, "gpt", config, MoEConfig(), 2, 2, 1,
                               True, timeout=240)
+    assert sum(r["last"] for r in results) == 2  # both TP ranks of the last stage report
     compare_with_reference(results, losses, grads, norm)
 
 
@@ -40,4 +42,5 @@ def test_all_forward_all_backward_schedule(dense_reference):
     config, (losses, grads, norm) = dense_reference
     results = run_distributed(parallel_step_worker, 4, "gpt", config, MoEConfig(), 1, 4, 1,
                               False, "afab", timeout=240)
+    assert [r["last"] for r in results] == [False, False, False, True]
     compare_with_reference(results, losses, grads, norm)
