@@ -64,4 +64,12 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"> done: {summary}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The process group is destroyed, but gloo's worker threads can still be torn down
+        # during interpreter finalization and abort the process ("terminate called without an
+        # active exception", seen at random after a clean run). Everything is saved and
+        # flushed at this point, so leave without finalization.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
