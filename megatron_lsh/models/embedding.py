@@ -129,3 +129,19 @@ def mark_shared_embedding(param: nn.Parameter, groups: ProcessGroups) -> None:
     if groups.pp_size > 1:
         param.shared_embedding = True
         param.shared = not groups.is_first_stage
+
+
+def first_stage_embedding(config: ModelConfig, groups: ProcessGroups, *, seed: int, tied: bool,
+                          sequence_parallel: bool = False, device=None) -> Optional[Embedding]:
+    """The input embedding of a decoder- or encoder-only model on its first stage, else None.
+
+    With a tied output layer the word embedding is marked as shared across stages.
+    """
+    if not groups.is_first_stage:
+        return None
+    embedding = Embedding(config, groups, seed=seed,
+                          max_positions=config.max_position_embeddings,
+                          sequence_parallel=sequence_parallel, device=device)
+    if tied:
+        mark_shared_embedding(embedding.word_embeddings.weight, groups)
+    return embedding

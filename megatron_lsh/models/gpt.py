@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from megatron_lsh.config import ModelConfig, MoEConfig
-from megatron_lsh.models.embedding import Embedding, OutputLayer, mark_shared_embedding
+from megatron_lsh.models.embedding import (OutputLayer, first_stage_embedding,
+                                          mark_shared_embedding)
 from megatron_lsh.models.transformer import TransformerBlock
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.pipeline import stage_layer_range
@@ -36,13 +37,9 @@ class GPTModel(nn.Module):
         self.post_process = groups.is_last_stage
         tied = not config.untie_embeddings_and_output_weights
         layers = stage_layer_range(config.num_layers, groups.pp_size, groups.pp_rank)
-        self.embedding = None
-        if self.pre_process:
-            self.embedding = Embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
-                                       max_positions=config.max_position_embeddings,
-                                       sequence_parallel=sequence_parallel, device=device)
-            if tied:
-                mark_shared_embedding(self.embedding.word_embeddings.weight, groups)
+        self.embedding = first_stage_embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+                                               tied=tied, sequence_parallel=sequence_parallel,
+                                               device=device)
         self.decoder = TransformerBlock(config, moe, groups, [n + 1 for n in layers], seed=seed,
                                         causal=True, final_layernorm=self.post_process,
                                         sequence_parallel=sequence_parallel, device=device)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lsh.config import ModelConfig, MoEConfig
-from megatron_lsh.models.embedding import Embedding, OutputLayer, mark_shared_embedding
+from megatron_lsh.models.embedding import (OutputLayer, first_stage_embedding,
+                                          mark_shared_embedding)
 from megatron_lsh.models.transformer import TransformerBlock, layer_seed, seeded
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.layers import build_layernorm, init_method_normal
@@ -56,12 +57,9 @@ class RobertaModel(nn.Module):
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
         layers = stage_layer_range(config.num_layers, groups.pp_size, groups.pp_rank)
-        self.embedding = None
-        if self.pre_process:
-            self.embedding = Embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
-                                       max_positions=config.max_position_embeddings,
-                                       sequence_parallel=sequence_parallel, device=device)
-            mark_shared_embedding(self.embedding.word_embeddings.weight, groups)
+        self.embedding = first_stage_embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+                                               tied=True, sequence_parallel=sequence_parallel,
+                                               device=device)
         self.encoder = TransformerBlock(config, moe, groups, [n + 1 for n in layers], seed=seed,
                                         causal=False, final_layernorm=self.post_process,
                                         sequence_parallel=sequence_parallel, device=device)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_lsh.config import ConfigError, MegatronLSHConfig
 from megatron_lsh.models import build_model
-from megatron_lsh.models.transformer import TransformerLayer
+from megatron_lsh.models.transformer import TransformerLayer, is_moe_layer
 from megatron_lsh.parallel import random as mp_random
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups, init_distributed
@@ -135,7 +135,6 @@ class Trainer:
         """(global MoE index, TransformerLayer) for the MoE layers of this stage, in order."""
         cfg = self.config
         total = cfg.model.num_layers + (cfg.model.decoder_num_layers if self.kind == "t5" else 0)
-        from megatron_lsh.models.transformer import is_moe_layer
         numbers = [n for n in range(1, total + 1) if is_moe_layer(n, cfg.moe)]
         self.num_moe_layers = len(numbers)
         return [(numbers.index(m.layer_number), m) for m in self.model.modules()
