@@ -17,7 +17,7 @@ Columns of the table:
   much of it came after the process was set up (the peak minus the RSS just before the model
   was built: parameters, gradients, optimizer state, activations, buffers);
 * ``a2a MiB``: MiB all ranks send to other ranks in the expert all-to-alls (forward and
-  backward) per step; ``rate``: centroids sent / rows routed (1.0 without LSH).
+  backward) per step; ``rate``: rows sent / rows routed (1.0 without LSH).
 
 Every configuration runs in its own set of processes (so its peak RSS is its own); with
 ``--rounds`` > 1 the configurations are run in turn, round after round (A B C A B C ...), and
@@ -51,7 +51,7 @@ from megatron_lsh.models.synthetic import synthetic_batch  # noqa: E402
 from megatron_lsh.moe import MoELayer  # noqa: E402
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel  # noqa: E402
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups  # noqa: E402
-from megatron_lsh.parallel.optimizer import build_optimizer  # noqa: E402
+from megatron_lsh.parallel.optimizer_factory import build_optimizer  # noqa: E402
 from megatron_lsh.parallel.pipeline import (  # noqa: E402
     StageOutput, allreduce_tied_embedding_grads, forward_backward)
 from megatron_lsh.parallel.random import model_parallel_seed  # noqa: E402
@@ -84,7 +84,7 @@ def worker(rank: int, world: int, job: dict) -> dict:
     ddp = DistributedDataParallel(model, groups)
     optimizer = build_optimizer(ddp, OptimizerConfig(lr=1e-3, clip_grad=1.0), groups)
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    traffic = {"rows": 0, "centroids": 0, "bytes": 0}
+    traffic = {"rows": 0, "sent_rows": 0, "bytes": 0}
     n_mb, mbs = job["microbatches"], job["micro_batch_size"]
 
     def forward_step(mb, inputs, batches):
@@ -93,7 +93,7 @@ def worker(rank: int, world: int, job: dict) -> dict:
         for layer in moe_layers:
             s = layer.last_stats
             traffic["rows"] += s.rows
-            traffic["centroids"] += s.centroids
+            traffic["sent_rows"] += s.sent_rows
             traffic["bytes"] += s.bytes_fwd + s.bytes_bwd
         mask = batch["loss_mask"]
         lm = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
@@ -106,7 +106,7 @@ def worker(rank: int, world: int, job: dict) -> dict:
         for layer in moe_layers:
             layer.set_iteration(step)
         if step == job["warmup"]:
-            traffic.update(rows=0, centroids=0, bytes=0)
+            traffic.update(rows=0, sent_rows=0, bytes=0)
         dist.barrier()
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -145,7 +145,7 @@ def summarise(runs: dict, args: dict) -> list:
                 peak_rss_mib=max(r["peak_rss"] for r in ranks) / 2 ** 20,
                 model_rss_mib=max(r["peak_rss"] - r["rss_before_model"] for r in ranks) / 2 ** 20,
                 a2a_mib_per_step=sum(r["bytes"] for r in ranks) / args["steps"] / 2 ** 20,
-                compression_rate=(sum(r["centroids"] for r in ranks)
+                compression_rate=(sum(r["sent_rows"] for r in ranks)
                                   / max(1, sum(r["rows"] for r in ranks))) if variant != "dense"
                 else None,
                 final_lm_loss=statistics.mean(r["losses"][-1] for r in ranks)))

@@ -18,7 +18,8 @@ after a warm-up, and the table gives medians:
 * ``bytes_fwd`` / ``bytes_bwd``: bytes all ranks together send to *other* ranks (split-size
   exchange + dispatch + combine in the forward; the two gradient all-to-alls in the backward);
 * ``compression_rate``: payload rows / routed rows, over all ranks;
-* ``overhead_share``: hashing + clustering + restore (forward and backward) over the rank's
+* ``overhead_share``: the compressor's own work (LSH: the projection share of the router's matmul,
+  hashing, clustering, restore; forward and backward) over the rank's
   forward + backward wall time, mean over ranks; ``overhead_share_cpu`` is the same ratio in
   CPU time of the rank's thread (on an oversubscribed machine the wall-clock share also
   counts the time a rank waited for a core, which hits memory-bound stages hardest).
@@ -53,6 +54,7 @@ if REPO not in sys.path:
 
 from megatron_lsh.config import MoEConfig  # noqa: E402
 from megatron_lsh.moe import MoELayer, build_compressor  # noqa: E402
+from megatron_lsh.moe.compressors import compression  # noqa: E402
 from megatron_lsh.moe.dispatcher import AllToAllDispatcher  # noqa: E402
 from megatron_lsh.moe.stats import MoEStats  # noqa: E402
 from megatron_lsh.moe.text_states import text_states  # noqa: E402
@@ -102,20 +104,30 @@ def _download_plays(cache: str) -> list:
 
 def row_configs(peer: bool) -> list:
     """(label, json fields, MoEConfig overrides) for each table row."""
-    rows = [("none", dict(compressor="none"), dict(a2a_compression="none"))]
+    rows = [("none", dict(compressor="none"), compression("none"))]
     hashes = (6,) if peer else (2, 4, 6, 8, 10)
     for L in hashes:
         rows.append((f"lsh L={L}", dict(compressor="lsh", num_hashes=L, compensation=True),
-                     dict(a2a_compression="lsh", lsh_num_hashes=L)))
+                     compression("lsh", num_hashes=L)))
     rows.append(("lsh L=6 no-comp", dict(compressor="lsh", num_hashes=6, compensation=False),
-                 dict(a2a_compression="lsh", lsh_num_hashes=6, lsh_compensation=False)))
+                 compression("lsh", num_hashes=6, compensation="none")))
+    if not peer:
+        for rate in (0.05, 0.1, 0.2):
+            rows.append((f"lsh target {rate} scaled",
+                         dict(compressor="lsh", target_rate=rate, compensation=True),
+                         compression("lsh", num_hashes=0, target_rate=rate,
+                                     compensation="scaled")))
+        rows.append(("lsh target 0.1 scaled fp8",
+                     dict(compressor="lsh", target_rate=0.1, compensation=True, wire="fp8"),
+                     compression("lsh", num_hashes=0, target_rate=0.1, compensation="scaled",
+                                 wire_dtype="fp8")))
     for dtype in ("bf16", "fp8"):
         rows.append((f"cast {dtype}", dict(compressor="cast", cast_dtype=dtype),
-                     dict(a2a_compression="cast", cast_dtype=dtype)))
+                     compression("cast", dtype=dtype)))
     if peer:
         rows.insert(0, ("megatron-core a2a (re-impl)",
                         dict(compressor="none", impl="megatron_core_reimpl"),
-                        dict(a2a_compression="none")))
+                        compression("none")))
     return rows
 
 
@@ -190,7 +202,7 @@ class MegatronStyleDispatcher:
         me, row_bytes = self.ep_rank, permuted.shape[1] * permuted.element_size()
         rows_out = (sum(input_splits) - input_splits[me]) + (sum(output_splits)
                                                              - output_splits[me])
-        stats = MoEStats(tokens=0, rows=permuted.shape[0], centroids=permuted.shape[0])
+        stats = MoEStats(tokens=0, rows=permuted.shape[0], sent_rows=permuted.shape[0])
         stats.bytes_bwd = rows_out * row_bytes
         stats.bytes_fwd = stats.bytes_bwd + 8 * self.num_experts * (self.ep - 1)
         return stats
@@ -243,8 +255,9 @@ def worker(rank, world, args, states_path):
             results[label].append(dict(
                 ms=float(slowest), own_ms=elapsed, overhead_ms=stats.overhead_ms,
                 own_cpu_ms=cpu, overhead_cpu_ms=stats.overhead_cpu_ms,
-                rows=stats.rows, centroids=stats.centroids, bytes_fwd=stats.bytes_fwd,
-                bytes_bwd=stats.bytes_bwd, cos=stats.mean_cosine))
+                rows=stats.rows, sent_rows=stats.sent_rows, bytes_fwd=stats.bytes_fwd,
+                bytes_bwd=stats.bytes_bwd, cos=stats.mean_cosine,
+                energy=float(stats.extra.get("residual_energy", 0.0))))
     agreement = None
     if args["peer"]:
         agreement = float((outputs[variants[0][0]] - outputs["none"]).abs().max())
@@ -252,14 +265,14 @@ def worker(rank, world, args, states_path):
     sweep = []
     with torch.no_grad():
         for hash_type, m in SWEEP:
-            cfg = MoEConfig(**base, a2a_compression="lsh", lsh_num_hashes=6,
-                            lsh_rotation_dim=m, lsh_hash_type=hash_type)
+            cfg = MoEConfig(**base, **compression("lsh", num_hashes=6, rotation_dim=m,
+                                                  hash_type=hash_type))
             compressor = build_compressor(cfg, args["hidden"], seed=1234)
             layer.compressor = compressor
             layer.dispatcher = AllToAllDispatcher(cfg.num_experts, groups.ep, compressor)
             layer(x_TH)
             s = layer.last_stats
-            sweep.append(dict(hash_type=hash_type, m=m, rows=s.rows, centroids=s.centroids,
+            sweep.append(dict(hash_type=hash_type, m=m, rows=s.rows, sent_rows=s.sent_rows,
                               cos=s.mean_cosine))
     return dict(results=results, sweep=sweep, agreement=agreement)
 
@@ -283,9 +296,10 @@ def summarise(per_rank: list, peer: bool) -> dict:
                    cast_dtype=fields.get("cast_dtype"), ms_fwd_bwd=round(ms, 1),
                    bytes_fwd=sum(f["bytes_fwd"] for f in first),
                    bytes_bwd=sum(f["bytes_bwd"] for f in first),
-                   compression_rate=(sum(f["centroids"] for f in first)
+                   compression_rate=(sum(f["sent_rows"] for f in first)
                                      / max(1, sum(f["rows"] for f in first))),
                    mean_cosine=statistics.mean(f["cos"] for f in first),
+                   residual_energy=statistics.mean(f["energy"] for f in first),
                    overhead_share=round(statistics.median(shares), 4),
                    overhead_share_cpu=round(statistics.median(cpu_shares), 4))
         if "impl" in fields:
@@ -295,7 +309,7 @@ def summarise(per_rank: list, peer: bool) -> dict:
     for i, point in enumerate(per_rank[0]["sweep"]):
         points = [r["sweep"][i] for r in per_rank]
         sweep.append(dict(hash_type=point["hash_type"], num_hashes=6, rotation_dim=point["m"],
-                          compression_rate=sum(p["centroids"] for p in points)
+                          compression_rate=sum(p["sent_rows"] for p in points)
                           / max(1, sum(p["rows"] for p in points)),
                           mean_cosine=statistics.mean(p["cos"] for p in points)))
     return dict(rows=rows, m_sweep=sweep, megatron_max_abs_diff=per_rank[0]["agreement"])
@@ -309,7 +323,7 @@ def print_tables(report: dict, args: dict) -> None:
           f"median of {args['repeats']} (interleaved)")
     none = next(r for r in report["rows"] if r["label"] == "none")
     header = (f"{'row':<28}{'ms fwd+bwd':>11}{'x none':>8}{'bytes fwd':>13}{'bytes bwd':>13}"
-              f"{'bytes/none':>11}{'rate':>7}{'cos':>7}{'overhead':>9}{'(cpu)':>7}")
+              f"{'bytes/none':>11}{'rate':>7}{'cos':>7}{'resid':>7}{'overhead':>9}{'(cpu)':>7}")
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
@@ -317,7 +331,7 @@ def print_tables(report: dict, args: dict) -> None:
         bytes_fwd, bytes_bwd = f"{r['bytes_fwd']:,}", f"{r['bytes_bwd']:,}"
         print(f"{r['label']:<28}{r['ms_fwd_bwd']:>11.1f}{r['ms_fwd_bwd'] / none['ms_fwd_bwd']:>8.2f}"
               f"{bytes_fwd:>13}{bytes_bwd:>13}{ratio:>11}{r['compression_rate']:>7.3f}"
-              f"{r['mean_cosine']:>7.3f}{r['overhead_share']:>9.3f}"
+              f"{r['mean_cosine']:>7.3f}{r['residual_energy']:>7.3f}{r['overhead_share']:>9.3f}"
               f"{r['overhead_share_cpu']:>7.3f}")
     if report["megatron_max_abs_diff"] is not None:
         print(f"megatron-core re-impl vs none: max |output difference| = "
@@ -342,14 +356,15 @@ def plot(report: dict, path: str) -> None:
     axes[1].barh(labels, [r["bytes_fwd"] / 2 ** 20 for r in rows], color="tab:orange")
     axes[1].set_xlabel("MiB sent to other ranks, forward (all ranks)")
     axes[1].invert_yaxis()
-    lsh_rows = [r for r in rows if r["compressor"] == "lsh" and r["compensation"]]
+    lsh_rows = [r for r in rows if r["compressor"] == "lsh" and r["compensation"]
+                and r["num_hashes"]]
     axes[2].plot([r["compression_rate"] for r in lsh_rows], [r["mean_cosine"] for r in lsh_rows],
                  "o-", label="cross-polytope m=1, L sweep")
     for hash_type, marker in (("cross_polytope", "s"), ("spherical_plane", "^")):
         pts = [p for p in report["m_sweep"] if p["hash_type"] == hash_type]
         axes[2].plot([p["compression_rate"] for p in pts], [p["mean_cosine"] for p in pts],
                      marker + "--", label=f"{hash_type}, L=6, m=1,2,4")
-    axes[2].set_xlabel("compression rate (centroids / rows)")
+    axes[2].set_xlabel("compression rate (rows sent / rows)")
     axes[2].set_ylabel("mean cosine(row, centroid)")
     axes[2].legend(fontsize=8)
     fig.tight_layout()

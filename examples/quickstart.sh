@@ -2,17 +2,19 @@
 # The main job on the embedded default, from a fresh clone:
 #   1. set up .venv (torch CPU wheel when no GPU), 2. prepare the Shakespeare corpus,
 #   3. train a byte-level BPE tokenizer, 4. preprocess into Megatron .bin/.idx,
-#   5. train a tiny GPT-MoE with the LSH-compressed all-to-all on 4 CPU processes (EP=4),
-#      with validation, checkpoints, TensorBoard and a metrics JSONL, 6. print a summary.
-# Re-running reuses everything prepared and resumes from the last checkpoint.
-# Knobs (environment): NPROC (4), TRAIN_ITERS (200), COMPRESSION (lsh), RUN_DIR (runs/quickstart).
+#   5. train a tiny GPT-MoE on 4 CPU processes (EP=4) twice, with the dense all-to-all (none)
+#      and with the LSH-compressed one, each with validation, checkpoints, TensorBoard and a
+#      metrics JSONL, 6. print the comparison.
+# Re-running reuses everything prepared and resumes from the last checkpoints.
+# Knobs (environment): NPROC (4), TRAIN_ITERS (200), COMPRESSIONS ("none lsh"),
+#   RUN_DIR (runs/quickstart; one folder per compressor below it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/ensure_venv.sh
 
 NPROC=${NPROC:-4}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
-COMPRESSION=${COMPRESSION:-lsh}
+COMPRESSIONS=${COMPRESSIONS:-none lsh}
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 DATA=data/shakespeare
 TOK=data/tokenizer
@@ -44,7 +46,9 @@ for split in train valid; do
   fi
 done
 
-mkdir -p "$RUN_DIR"
+for COMPRESSION in $COMPRESSIONS; do
+RUN="$RUN_DIR/$COMPRESSION"
+mkdir -p "$RUN"
 step "training tiny GPT-MoE, $NPROC processes, EP=$NPROC, all-to-all compression: $COMPRESSION"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_gpt_moe.py \
     --model-recipe tiny-gpt-moe --expert-model-parallel-size "$NPROC" \
@@ -54,23 +58,35 @@ step "training tiny GPT-MoE, $NPROC processes, EP=$NPROC, all-to-all compression
     --micro-batch-size 4 --global-batch-size $((4 * NPROC)) --train-iters "$TRAIN_ITERS" \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine --clip-grad 1.0 \
     --eval-interval 50 --eval-iters 4 --log-interval 10 \
-    --save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval 100 \
-    --tensorboard-dir "$RUN_DIR/tensorboard" --metrics-jsonl "$RUN_DIR/metrics.jsonl" \
-    --distributed-backend gloo 2>&1 | tee -a "$RUN_DIR/train.log"
+    --save "$RUN/checkpoints" --load "$RUN/checkpoints" --save-interval 100 \
+    --tensorboard-dir "$RUN/tensorboard" --metrics-jsonl "$RUN/metrics.jsonl" \
+    --distributed-backend gloo 2>&1 | tee -a "$RUN/train.log"
+done
 
-step "summary"
-"$PY" - "$RUN_DIR" <<'PY'
-import json, sys
-run = sys.argv[1]
-rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if line.strip()]
-last = rows[-1]
-rates = [layer["compression_rate"] for layer in last["moe"]]
-print(f"iterations trained : {last['iteration']}")
-print(f"first / last loss  : {rows[0]['lm_loss']:.4f} / {last['lm_loss']:.4f}")
-print(f"a2a compression    : {sum(rates) / max(len(rates), 1):.3f} (centroids / rows, mean over MoE layers)")
-print(f"a2a bytes fwd/bwd  : {sum(l['bytes_fwd'] for l in last['moe']):,} / {sum(l['bytes_bwd'] for l in last['moe']):,} per iteration")
-print(f"log                : {run}/train.log")
-print(f"checkpoints        : {run}/checkpoints")
-print(f"metrics (JSONL)    : {run}/metrics.jsonl")
-print(f"TensorBoard events : {run}/tensorboard   (tensorboard --logdir {run}/tensorboard)")
+step "comparison"
+"$PY" - "$RUN_DIR" $COMPRESSIONS <<'PY'
+import json, re, sys
+run_dir, names = sys.argv[1], sys.argv[2:]
+VALID = re.compile(r"validation loss at iteration \d+ \| lm loss value: ([0-9.Ee+-]+)")
+stats = {}
+for name in names:
+    run = f"{run_dir}/{name}"
+    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl") if line.strip()]
+    tail = rows[-20:]
+    layers = [layer for r in tail for layer in r["moe"]]
+    valid = VALID.findall(open(f"{run}/train.log").read())
+    stats[name] = dict(
+        iters=rows[-1]["iteration"], valid=float(valid[-1]) if valid else float("nan"),
+        rate=sum(layer["compression_rate"] for layer in layers) / max(len(layers), 1),
+        bytes=sum(l["bytes_fwd"] + l["bytes_bwd"] for r in tail for l in r["moe"]) / len(tail),
+        ms=sorted(r["ms_per_iter"] for r in tail)[len(tail) // 2])
+dense = stats.get("none", {}).get("bytes")
+print(f"{'compressor':10s} {'iters':>5s} {'valid loss':>10s} {'rate':>6s} "
+      f"{'a2a bytes/iter':>14s} {'/ none':>7s} {'ms/iter':>8s}")
+for name, s in stats.items():
+    ratio = f"{s['bytes'] / dense:7.3f}" if dense else f"{'-':>7s}"
+    print(f"{name:10s} {s['iters']:5d} {s['valid']:10.4f} {s['rate']:6.3f} {s['bytes']:14,.0f} "
+          f"{ratio} {s['ms']:8.1f}")
+print(f"logs, checkpoints, TensorBoard and metrics: {run_dir}/<compressor>/ "
+      f"(tensorboard --logdir {run_dir})")
 PY

@@ -1,131 +1,204 @@
-"""Typed, nested configuration for every component, validated on construction.
+"""Typed, nested configuration for every component: the one place where a setting is named,
+defaulted, documented and checked.
 
 Each component takes its own dataclass (``ModelConfig``, ``MoEConfig``, ...); the whole run is a
-``MegatronLSHConfig`` made of them. Megatron's command-line flag names are only the outer skin
-(``arguments.py`` maps flags to these fields). Every check raises :class:`ConfigError` with one
-sentence that names the field and the offending value.
+``MegatronLSHConfig`` made of them. A field that users set from the command line is declared
+with :func:`setting`, which records its Megatron flag and one-line help in the field's
+metadata; ``arguments.py`` derives the whole parser from these declarations (nothing is listed
+twice). Checks run in ``__post_init__``, so a config built in code is checked exactly like one
+built from flags, and every check raises :class:`ConfigError` with one sentence that names the
+setting by its flag (``--num-layers must be positive, got 0``); fields without a flag are
+named ``Class.field``.
+
+Fields whose default is derived from other fields (``ffn_hidden_size`` = 4 x ``hidden_size``,
+...) are filled in ``__post_init__``; :func:`replace_config` re-derives them when the fields
+they depend on change, so recipes and command-line overrides compose as expected.
+
+Compressor settings (``--moe-lsh-*``, ``--moe-cast-*``) are declared the same way, in the
+compressor's own file (``megatron_lsh/moe/compressors/``), and travel in
+``MoEConfig.compression_options``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
-    """An invalid setting; the message is one sentence naming the field(s) and value(s)."""
+    """An invalid setting; the message is one sentence naming the setting(s) and value(s)."""
 
 
-def _require(cond: bool, message: str) -> None:
+def setting(default: Any = dataclasses.MISSING, flag: Optional[str] = None, help: str = "", *,
+            default_factory: Any = dataclasses.MISSING, choices=None, const: Any = None,
+            metavar: Optional[str] = None, nargs: Optional[str] = None,
+            show_default: bool = True, aliases: Optional[dict] = None) -> Any:
+    """A dataclass field with its command-line flag.
+
+    ``const`` makes the flag take no value and store ``const`` (``--swiglu`` stores
+    ``"swiglu"`` in ``activation``); a bool field's flag stores ``not default``
+    (``--sequence-parallel`` sets ``sequence_parallel``). ``choices`` is checked on the
+    command line and in ``__post_init__`` (with :func:`check_choice`). ``aliases`` maps
+    further value-less flags to the value they store (``{"--moe-lsh-no-compensation":
+    "none"}``).
+    """
+    metadata = {"flag": flag, "help": help, "choices": choices, "const": const,
+                "metavar": metavar, "nargs": nargs, "show_default": show_default,
+                "aliases": aliases or {}}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def setting_name(obj_or_cls: Any, name: str) -> str:
+    """How messages name a field: its flag, or ``Class.field`` when it has none."""
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("flag") or f"{cls.__name__}.{name}"
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond``."""
     if not cond:
         raise ConfigError(message)
 
 
-def _positive(name: str, value) -> None:
-    _require(value is not None and value > 0, f"{name} must be positive, got {value}")
+def check_positive(obj: Any, *names: str) -> None:
+    """Each named field is > 0."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value is not None and value > 0,
+                f"{setting_name(obj, name)} must be positive, got {value}")
 
 
-def _non_negative(name: str, value) -> None:
-    _require(value is not None and value >= 0, f"{name} must be non-negative, got {value}")
+def check_non_negative(obj: Any, *names: str) -> None:
+    """Each named field is >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value is not None and value >= 0,
+                f"{setting_name(obj, name)} must be non-negative, got {value}")
 
 
-def _probability(name: str, value: float) -> None:
-    _require(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+def check_probability(obj: Any, *names: str) -> None:
+    """Each named field is in [0, 1)."""
+    for name in names:
+        value = getattr(obj, name)
+        require(0.0 <= value < 1.0, f"{setting_name(obj, name)} must be in [0, 1), got {value}")
 
 
-def _choice(name: str, value, choices) -> None:
-    _require(value in choices,
-             f"{name} must be one of {sorted(map(repr, choices))}, got {value!r}")
+def check_choice(obj: Any, name: str, choices=None) -> None:
+    """The field is one of ``choices`` (default: the choices its :func:`setting` declares)."""
+    if choices is None:
+        choices = next(f.metadata["choices"] for f in dataclasses.fields(obj) if f.name == name)
+    value = getattr(obj, name)
+    require(value in choices, f"{setting_name(obj, name)} must be one of "
+                              f"{sorted(map(repr, choices))}, got {value!r}")
+
+
+def _derive(obj: Any, name: str, value: Any) -> None:
+    """Fill a derived default and remember it, so :func:`replace_config` can re-derive it."""
+    if getattr(obj, name) is None:
+        setattr(obj, name, value)
+        obj.__dict__.setdefault("_derived", set()).add(name)
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that re-derives derived defaults (e.g. ``ffn_hidden_size``)
+    unless they are among ``changes``; the result is checked again."""
+    for name in config.__dict__.get("_derived", ()):
+        changes.setdefault(name, None)
+    return dataclasses.replace(config, **changes)
 
 
 @dataclass
 class ModelConfig:
     """Transformer shape and initialisation."""
 
-    num_layers: int = 2
-    """Transformer layers (for T5: encoder layers; see ``decoder_num_layers``)."""
-    hidden_size: int = 64
-    ffn_hidden_size: Optional[int] = None
-    """FFN width; defaults to 4 * hidden_size."""
-    num_attention_heads: int = 4
-    kv_channels: Optional[int] = None
-    """Per-head width; defaults to hidden_size / num_attention_heads."""
-    seq_length: int = 128
-    max_position_embeddings: Optional[int] = None
-    """Learned position table size; defaults to seq_length."""
-    decoder_num_layers: Optional[int] = None
-    """T5 decoder layers; defaults to num_layers."""
-    decoder_seq_length: Optional[int] = None
-    """T5 decoder length; defaults to seq_length // 4 (at least 1)."""
-    vocab_size: int = 50257
-    """Tokenizer vocabulary; the embedding is padded to a multiple of the divisor * tp."""
-    make_vocab_size_divisible_by: int = 128
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
-    add_bias_linear: bool = True
-    untie_embeddings_and_output_weights: bool = False
-    activation: str = "gelu"
-    recompute_granularity: Optional[str] = None
-    """None, 'full' (whole layers) or 'selective' (attention core only)."""
+    num_layers: int = setting(2, "--num-layers", "Transformer layers (T5: encoder layers).")
+    hidden_size: int = setting(64, "--hidden-size", "Width of the residual stream.")
+    ffn_hidden_size: Optional[int] = setting(
+        None, "--ffn-hidden-size", "Width of the MLP / each expert; 4 x hidden-size when not given.")
+    num_attention_heads: int = setting(4, "--num-attention-heads", "Attention heads.")
+    kv_channels: Optional[int] = setting(
+        None, "--kv-channels",
+        "Width of each attention head; hidden-size / num-attention-heads when not given.")
+    seq_length: int = setting(128, "--seq-length", "Tokens per sample (T5: encoder length).")
+    max_position_embeddings: Optional[int] = setting(
+        None, "--max-position-embeddings", "Rows of the learned position table; seq-length "
+        "when not given.")
+    decoder_num_layers: Optional[int] = setting(
+        None, "--decoder-num-layers", "T5 decoder layers; num-layers when not given.")
+    decoder_seq_length: Optional[int] = setting(
+        None, "--decoder-seq-length", "T5 decoder length; seq-length / 4 when not given.")
+    vocab_size: int = setting(
+        50257, "--vocab-size",
+        "Vocabulary size for the NullTokenizer (others take it from the tokenizer).")
+    make_vocab_size_divisible_by: int = setting(
+        128, "--make-vocab-size-divisible-by",
+        "Pad the vocabulary to a multiple of this times tensor-model-parallel-size.")
+    hidden_dropout: float = setting(0.1, "--hidden-dropout", "Dropout on hidden states.")
+    attention_dropout: float = setting(0.1, "--attention-dropout",
+                                       "Dropout on attention probabilities.")
+    init_method_std: float = setting(0.02, "--init-method-std",
+                                     "Standard deviation of the normal weight initialisation.")
+    layernorm_epsilon: float = setting(1e-5, "--layernorm-epsilon", "LayerNorm epsilon.")
+    add_bias_linear: bool = setting(True, "--disable-bias-linear",
+                                    "Drop the biases of all linear layers.")
+    untie_embeddings_and_output_weights: bool = setting(
+        False, "--untie-embeddings-and-output-weights",
+        "Use a separate output layer instead of the input embedding.")
+    activation: str = setting("gelu", "--swiglu", "Use a SwiGLU MLP instead of GeLU.",
+                              const="swiglu", choices=("gelu", "relu", "swiglu"))
+    recompute_granularity: Optional[str] = setting(
+        None, "--recompute-granularity",
+        "Activation recomputation: whole layers (full) or the attention core (selective).",
+        choices=(None, "full", "selective"))
 
     def __post_init__(self):
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
-        if self.max_position_embeddings is None:
-            self.max_position_embeddings = self.seq_length
-        if self.decoder_num_layers is None:
-            self.decoder_num_layers = self.num_layers
-        if self.decoder_seq_length is None:
-            self.decoder_seq_length = max(1, self.seq_length // 4)
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "seq_length", "vocab_size", "make_vocab_size_divisible_by",
-                     "max_position_embeddings"):
-            _positive(name, getattr(self, name))
-        _require(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
-                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                 f"({self.num_attention_heads})")
-        if self.kv_channels is None:
-            self.kv_channels = self.hidden_size // self.num_attention_heads
-        _probability("hidden_dropout", self.hidden_dropout)
-        _probability("attention_dropout", self.attention_dropout)
-        _positive("init_method_std", self.init_method_std)
-        _choice("activation", self.activation, {"gelu", "relu", "swiglu"})
-        _choice("recompute_granularity", self.recompute_granularity, {None, "full", "selective"})
-        _require(self.max_position_embeddings >= self.seq_length,
-                 f"max_position_embeddings ({self.max_position_embeddings}) is smaller than "
-                 f"seq_length ({self.seq_length})")
+        _derive(self, "ffn_hidden_size", 4 * self.hidden_size)
+        _derive(self, "max_position_embeddings", self.seq_length)
+        _derive(self, "decoder_num_layers", self.num_layers)
+        _derive(self, "decoder_seq_length", max(1, self.seq_length // 4))
+        check_positive(self, "num_layers", "hidden_size", "ffn_hidden_size",
+                       "num_attention_heads", "seq_length", "vocab_size",
+                       "make_vocab_size_divisible_by", "max_position_embeddings",
+                       "decoder_num_layers", "decoder_seq_length", "layernorm_epsilon",
+                       "init_method_std")
+        if self.kv_channels is not None:
+            check_positive(self, "kv_channels")
+        require(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+                f"--hidden-size ({self.hidden_size}) is not divisible by --num-attention-heads "
+                f"({self.num_attention_heads})")
+        _derive(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        check_probability(self, "hidden_dropout", "attention_dropout")
+        check_choice(self, "activation")
+        check_choice(self, "recompute_granularity")
+        require(self.max_position_embeddings >= self.seq_length,
+                f"--max-position-embeddings ({self.max_position_embeddings}) is smaller than "
+                f"--seq-length ({self.seq_length})")
 
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-Experts layers, router and the all-to-all compression (DESIGN.md section 4)."""
+    """Mixture-of-Experts layers, router and the all-to-all compressor."""
 
-    num_experts: int = 0
-    """Experts per MoE layer; 0 means a dense model."""
-    moe_layer_freq: int = 2
-    """Every k-th transformer layer is MoE (the paper: every 2nd)."""
-    router_topk: int = 2
-    capacity_factor: Optional[float] = None
-    """Expert capacity as a multiple of the even share; None is dropless."""
-    aux_loss_coeff: float = 1e-2
-    z_loss_coeff: float = 0.0
-    a2a_compression: str = "none"
-    """'none' (dense baseline), 'lsh' (send centroids) or 'cast' (bf16 / fp8 rows)."""
-    lsh_num_hashes: int = 6
-    """L: hash functions whose codes form one bucket key (the paper's default is 6)."""
-    lsh_hash_type: str = "cross_polytope"
-    """'cross_polytope' or 'spherical_plane' (the paper's ablation)."""
-    lsh_rotation_dim: int = 1
-    """m: width of each random rotation (codes take 2m values). Measured on Shakespeare hidden
-    states (bench/moe_layer.py): with L=6, m=1 sends ~6% of the rows, m=2 already ~55%."""
-    lsh_compensation: bool = True
-    """Residual compensation: restore each row as E(c) + (x - c)."""
-    lsh_redraw_interval: int = 0
-    """Redraw the rotations every N iterations (0: never)."""
-    lsh_seed: int = 1234
-    cast_dtype: str = "bf16"
-    """Wire dtype of the 'cast' compressor: 'bf16' or 'fp8' (e4m3 with a per-row scale)."""
+    num_experts: int = setting(0, "--num-experts", "Experts per MoE layer; 0 is a dense model.")
+    moe_layer_freq: int = setting(2, "--moe-layer-freq",
+                                  "Every k-th layer is a MoE layer (the paper: every 2nd).")
+    router_topk: int = setting(2, "--moe-router-topk", "Experts each token is routed to.")
+    capacity_factor: Optional[float] = setting(
+        None, "--moe-expert-capacity-factor",
+        "Expert capacity as a multiple of the even share; dropless when not given.")
+    aux_loss_coeff: float = setting(1e-2, "--moe-aux-loss-coeff", "Load-balancing loss weight.")
+    z_loss_coeff: float = setting(0.0, "--moe-z-loss-coeff", "Router z-loss weight.")
+    a2a_compression: str = setting(
+        "none", "--moe-a2a-compression",
+        "All-to-all compressor (registered in megatron_lsh/moe/compressors): none sends every "
+        "row, lsh sends cluster centroids, cast sends low-precision rows.")
+    compression_options: Any = None
+    """The compressor's own settings (its ``Options`` dataclass); None: its defaults."""
 
     @property
     def enabled(self) -> bool:
@@ -133,186 +206,266 @@ class MoEConfig:
         return self.num_experts > 0
 
     def __post_init__(self):
-        _non_negative("num_experts", self.num_experts)
-        _positive("moe_layer_freq", self.moe_layer_freq)
-        _positive("router_topk", self.router_topk)
+        check_non_negative(self, "num_experts", "aux_loss_coeff", "z_loss_coeff")
+        check_positive(self, "moe_layer_freq", "router_topk")
         if self.num_experts > 0:
-            _require(self.router_topk <= self.num_experts,
-                     f"moe_router_topk ({self.router_topk}) exceeds num_experts "
-                     f"({self.num_experts})")
+            require(self.router_topk <= self.num_experts,
+                    f"--moe-router-topk ({self.router_topk}) exceeds --num-experts "
+                    f"({self.num_experts})")
         if self.capacity_factor is not None:
-            _positive("moe_expert_capacity_factor", self.capacity_factor)
-        _non_negative("moe_aux_loss_coeff", self.aux_loss_coeff)
-        _non_negative("moe_z_loss_coeff", self.z_loss_coeff)
-        _choice("moe_a2a_compression", self.a2a_compression, {"none", "lsh", "cast"})
-        _positive("moe_lsh_num_hashes", self.lsh_num_hashes)
-        _choice("moe_lsh_hash_type", self.lsh_hash_type, {"cross_polytope", "spherical_plane"})
-        _positive("moe_lsh_rotation_dim", self.lsh_rotation_dim)
-        _non_negative("moe_lsh_redraw_interval", self.lsh_redraw_interval)
-        _choice("moe_cast_dtype", self.cast_dtype, {"bf16", "fp8"})
+            check_positive(self, "capacity_factor")
+        require(isinstance(self.a2a_compression, str) and self.a2a_compression != "",
+                f"--moe-a2a-compression must name a compressor, got {self.a2a_compression!r}")
 
 
 @dataclass
 class ParallelConfig:
     """Parallel layout: world = pp * dp * tp; EP is carved out of the dp * tp ranks of a stage."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = setting(1, "--tensor-model-parallel-size",
+                                              "Ranks that split each layer's weights.")
+    pipeline_model_parallel_size: int = setting(1, "--pipeline-model-parallel-size",
+                                                "Pipeline stages.")
+    expert_model_parallel_size: int = setting(
+        1, "--expert-model-parallel-size", "Ranks that split the experts of each MoE layer.")
     data_parallel_size: Optional[int] = None
     """Derived from the world size when None."""
-    sequence_parallel: bool = False
-    distributed_backend: Optional[str] = None
-    """'nccl' or 'gloo'; None picks nccl when CUDA is available, else gloo."""
-    distributed_timeout_minutes: int = 10
-    use_distributed_optimizer: bool = False
-    """ZeRO-1: shard optimizer state over data-parallel ranks."""
+    sequence_parallel: bool = setting(
+        False, "--sequence-parallel",
+        "Split LayerNorm and dropout activations along the sequence over the TP group.")
+    distributed_backend: Optional[str] = setting(
+        None, "--distributed-backend",
+        "torch.distributed backend; nccl when CUDA is available, else gloo, when not given.",
+        choices=(None, "nccl", "gloo"))
+    distributed_timeout_minutes: int = setting(10, "--distributed-timeout-minutes",
+                                               "Timeout of collective operations.")
+    use_distributed_optimizer: bool = setting(
+        False, "--use-distributed-optimizer",
+        "Shard the optimizer state over data-parallel ranks (ZeRO-1).")
     num_microbatches_in_flight: Optional[int] = None
     pipeline_schedule: str = "1f1b"
     """'1f1b' or 'afab' (all-forward-all-backward)."""
     grad_bucket_size_mb: float = 25.0
 
     def __post_init__(self):
-        _positive("tensor_model_parallel_size", self.tensor_model_parallel_size)
-        _positive("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
-        _positive("expert_model_parallel_size", self.expert_model_parallel_size)
+        check_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                       "expert_model_parallel_size", "distributed_timeout_minutes",
+                       "grad_bucket_size_mb")
         if self.data_parallel_size is not None:
-            _positive("data_parallel_size", self.data_parallel_size)
-        _choice("distributed_backend", self.distributed_backend, {None, "nccl", "gloo"})
-        _positive("distributed_timeout_minutes", self.distributed_timeout_minutes)
-        _choice("pipeline_schedule", self.pipeline_schedule, {"1f1b", "afab"})
-        _positive("grad_bucket_size_mb", self.grad_bucket_size_mb)
+            check_positive(self, "data_parallel_size")
+        check_choice(self, "distributed_backend")
+        check_choice(self, "pipeline_schedule", ("1f1b", "afab"))
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW, learning-rate schedule, mixed precision and loss scaling, clipping."""
 
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: Optional[int] = None
-    lr_warmup_iters: int = 0
-    lr_warmup_fraction: Optional[float] = None
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Max global grad norm; 0 disables clipping."""
-    bf16: bool = False
-    fp16: bool = False
-    initial_loss_scale: float = 2.0 ** 32
-    min_loss_scale: float = 1.0
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
+    lr: float = setting(1e-3, "--lr", "Peak learning rate.")
+    min_lr: float = setting(0.0, "--min-lr", "Learning rate at the end of the decay.")
+    lr_decay_style: str = setting("cosine", "--lr-decay-style", "Learning-rate decay shape.",
+                                  choices=("constant", "linear", "cosine"))
+    lr_decay_iters: Optional[int] = setting(
+        None, "--lr-decay-iters",
+        "Iterations over which the learning rate decays; train-iters when not given.")
+    lr_warmup_iters: int = setting(0, "--lr-warmup-iters", "Linear warmup iterations.")
+    lr_warmup_fraction: Optional[float] = setting(
+        None, "--lr-warmup-fraction",
+        "Warmup as a fraction of lr-decay-iters (instead of lr-warmup-iters).")
+    weight_decay: float = setting(0.01, "--weight-decay", "AdamW weight decay.")
+    adam_beta1: float = setting(0.9, "--adam-beta1", "Adam beta1.")
+    adam_beta2: float = setting(0.999, "--adam-beta2", "Adam beta2.")
+    adam_eps: float = setting(1e-8, "--adam-eps", "Adam epsilon.")
+    clip_grad: float = setting(1.0, "--clip-grad", "Clip the global gradient norm (0: off).")
+    bf16: bool = setting(False, "--bf16", "Train in bfloat16 with fp32 master weights.")
+    fp16: bool = setting(False, "--fp16", "Train in float16 with dynamic loss scaling.")
+    initial_loss_scale: float = setting(2.0 ** 32, "--initial-loss-scale",
+                                        "Starting dynamic loss scale (fp16).")
+    min_loss_scale: float = setting(1.0, "--min-loss-scale", "Smallest dynamic loss scale.")
+    loss_scale_window: int = setting(1000, "--loss-scale-window",
+                                     "Clean iterations before the loss scale grows.")
+    hysteresis: int = setting(2, "--hysteresis",
+                              "Overflows tolerated before the loss scale shrinks.")
 
     def __post_init__(self):
-        _non_negative("lr", self.lr)
-        _non_negative("min_lr", self.min_lr)
-        _require(self.min_lr <= self.lr, f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
-        _choice("lr_decay_style", self.lr_decay_style, {"constant", "linear", "cosine"})
-        _non_negative("lr_warmup_iters", self.lr_warmup_iters)
+        check_non_negative(self, "lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")
+        require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
+        check_choice(self, "lr_decay_style")
+        if self.lr_decay_iters is not None:
+            check_positive(self, "lr_decay_iters")
         if self.lr_warmup_fraction is not None:
-            _require(0.0 <= self.lr_warmup_fraction <= 1.0,
-                     f"lr_warmup_fraction must be in [0, 1], got {self.lr_warmup_fraction}")
-        _non_negative("weight_decay", self.weight_decay)
-        _probability("adam_beta1", self.adam_beta1)
-        _probability("adam_beta2", self.adam_beta2)
-        _non_negative("clip_grad", self.clip_grad)
-        _require(not (self.bf16 and self.fp16), "bf16 and fp16 cannot both be set")
-        _positive("initial_loss_scale", self.initial_loss_scale)
-        _positive("min_loss_scale", self.min_loss_scale)
-        _positive("loss_scale_window", self.loss_scale_window)
-        _positive("hysteresis", self.hysteresis)
+            require(0.0 <= self.lr_warmup_fraction <= 1.0,
+                    f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}")
+            require(not self.lr_warmup_iters,
+                    "--lr-warmup-iters and --lr-warmup-fraction cannot both be set")
+        check_probability(self, "adam_beta1", "adam_beta2")
+        check_positive(self, "adam_eps", "initial_loss_scale", "min_loss_scale",
+                       "loss_scale_window", "hysteresis")
+        require(not (self.bf16 and self.fp16), "--bf16 and --fp16 cannot both be set")
+
+    def schedule_iters(self, train_iters: int) -> tuple[float, int]:
+        """(warmup iters, decay iters) for a run of ``train_iters``; the warmup must end first."""
+        decay_iters = self.lr_decay_iters or train_iters
+        require(decay_iters > 0, f"--lr-decay-iters must be positive, got {decay_iters}")
+        if self.lr_warmup_fraction is not None:
+            warmup_iters = self.lr_warmup_fraction * decay_iters
+        else:
+            warmup_iters = self.lr_warmup_iters
+        require(warmup_iters < decay_iters,
+                f"the learning-rate warmup ({warmup_iters} iterations) must end before "
+                f"--lr-decay-iters / --train-iters ({decay_iters})")
+        return warmup_iters, decay_iters
 
 
 @dataclass
 class TrainingConfig:
     """Batch sizes, iteration counts and the exit conditions of the loop."""
 
-    micro_batch_size: int = 2
-    global_batch_size: Optional[int] = None
-    """Defaults to micro_batch_size * data_parallel_size (no accumulation)."""
-    train_iters: int = 100
-    seed: int = 1234
-    eval_interval: int = 100
-    eval_iters: int = 10
-    exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = None
-    exit_signal_handler: bool = False
+    micro_batch_size: int = setting(2, "--micro-batch-size",
+                                    "Samples per forward/backward on one data-parallel rank.")
+    global_batch_size: Optional[int] = setting(
+        None, "--global-batch-size", "Samples per optimizer step (accumulates micro-batches); "
+        "micro-batch-size x data-parallel-size when not given.")
+    train_iters: int = setting(100, "--train-iters", "Optimizer steps to train for.")
+    seed: int = setting(1234, "--seed", "Random seed.")
+    eval_interval: int = setting(100, "--eval-interval", "Iterations between validation runs.")
+    eval_iters: int = setting(10, "--eval-iters", "Batches per validation run.")
+    exit_interval: Optional[int] = setting(
+        None, "--exit-interval", "Save and exit when the iteration is a multiple of this.")
+    exit_duration_in_mins: Optional[float] = setting(
+        None, "--exit-duration-in-mins", "Save and exit after this many minutes of training.")
+    exit_signal_handler: bool = setting(
+        False, "--exit-signal-handler",
+        "On SIGTERM, save a checkpoint at the end of the iteration and exit.")
 
     def __post_init__(self):
-        _positive("micro_batch_size", self.micro_batch_size)
+        check_positive(self, "micro_batch_size", "train_iters", "eval_interval")
+        check_non_negative(self, "eval_iters")
+        for name in ("global_batch_size", "exit_interval", "exit_duration_in_mins"):
+            if getattr(self, name) is not None:
+                check_positive(self, name)
         if self.global_batch_size is not None:
-            _positive("global_batch_size", self.global_batch_size)
-        _positive("train_iters", self.train_iters)
-        _positive("eval_interval", self.eval_interval)
-        _non_negative("eval_iters", self.eval_iters)
+            require(self.global_batch_size % self.micro_batch_size == 0,
+                    f"--global-batch-size ({self.global_batch_size}) is not divisible by "
+                    f"--micro-batch-size ({self.micro_batch_size})")
+
+
+def _check_data_path(flag: str, paths: list) -> None:
+    """Either one prefix, or alternating 'weight prefix' pairs with non-negative weights."""
+    def is_number(text):
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    if not paths or not is_number(paths[0]):
+        require(len(paths) <= 1, f"{flag} with several prefixes needs a weight before each "
+                                 f"one ('W1 P1 W2 P2 ...'), got {' '.join(paths)!r}")
+        return
+    require(len(paths) % 2 == 0 and all(is_number(w) for w in paths[0::2]),
+            f"{flag} must alternate weights and prefixes ('W1 P1 W2 P2 ...'), "
+            f"got {' '.join(paths)!r}")
+    weights = [float(w) for w in paths[0::2]]
+    require(min(weights) >= 0 and sum(weights) > 0,
+            f"{flag} weights must be non-negative with a positive sum, got {weights}")
 
 
 @dataclass
 class DataConfig:
     """Datasets and tokenizer."""
 
-    data_path: list = field(default_factory=list)
-    """Prefixes, optionally with weights: ['0.7', 'a_text_document', '0.3', 'b_text_document']."""
-    train_data_path: list = field(default_factory=list)
-    """Separate training prefixes (instead of cutting data_path by split)."""
-    valid_data_path: list = field(default_factory=list)
-    test_data_path: list = field(default_factory=list)
-    split: str = "949,50,1"
-    data_cache_path: Optional[str] = None
-    tokenizer_type: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    tokenizer_model: Optional[str] = None
-    vocab_extra_ids: int = 0
-    mask_prob: float = 0.15
+    data_path: list = setting(
+        flag="--data-path", help="Dataset prefixes, optionally weighted: 'P' or "
+        "'W1 P1 W2 P2 ...'.", default_factory=list, nargs="+", show_default=False)
+    train_data_path: list = setting(
+        flag="--train-data-path", help="Separate train prefixes (instead of --data-path cut by "
+        "--split).", default_factory=list, nargs="+", show_default=False)
+    valid_data_path: list = setting(
+        flag="--valid-data-path", help="Separate valid prefixes (instead of --data-path cut by "
+        "--split).", default_factory=list, nargs="+", show_default=False)
+    test_data_path: list = setting(
+        flag="--test-data-path", help="Separate test prefixes (instead of --data-path cut by "
+        "--split).", default_factory=list, nargs="+", show_default=False)
+    split: str = setting("949,50,1", "--split", "Train, validation, test weights.")
+    data_cache_path: Optional[str] = setting(
+        None, "--data-cache-path", "Folder for the sample indices; next to the data when not given.")
+    tokenizer_type: Optional[str] = setting(None, "--tokenizer-type", "Tokenizer.")
+    vocab_file: Optional[str] = setting(None, "--vocab-file", "Tokenizer vocabulary file.")
+    merge_file: Optional[str] = setting(None, "--merge-file", "BPE merges file.")
+    tokenizer_model: Optional[str] = setting(
+        None, "--tokenizer-model", "SentencePiece model or Hugging Face tokenizer.json.")
+    vocab_extra_ids: int = setting(0, "--vocab-extra-ids", "T5 sentinel tokens to add.")
+    mask_prob: float = setting(0.15, "--mask-prob", "Fraction of tokens masked (MLM, T5).")
     short_seq_prob: float = 0.0
-    num_workers: int = 0
+    num_workers: int = setting(0, "--num-workers", "Data-loader worker processes.")
 
     def __post_init__(self):
         parts = self.split.replace("/", ",").split(",")
-        _require(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and len(parts) <= 3
-                 and sum(float(p) for p in parts) > 0,
-                 f"split must be up to three non-negative weights like '949,50,1', got {self.split!r}")
-        _non_negative("vocab_extra_ids", self.vocab_extra_ids)
-        _probability("mask_prob", self.mask_prob)
-        _non_negative("num_workers", self.num_workers)
+        require(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and len(parts) <= 3
+                and sum(float(p) for p in parts) > 0,
+                f"--split must be up to three non-negative weights like '949,50,1', "
+                f"got {self.split!r}")
+        check_non_negative(self, "vocab_extra_ids", "num_workers")
+        check_probability(self, "mask_prob")
+        for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+            if getattr(self, name):
+                _check_data_path(setting_name(self, name), getattr(self, name))
+        require(not (self.data_path and (self.train_data_path or self.valid_data_path
+                                         or self.test_data_path)),
+                "give either --data-path (cut by --split) or --train-data-path / "
+                "--valid-data-path / --test-data-path, not both")
 
 
 @dataclass
 class CheckpointConfig:
     """Where and when to save; what to load."""
 
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    finetune: bool = False
-    no_load_optim: bool = False
-    no_load_rng: bool = False
+    save: Optional[str] = setting(None, "--save", "Folder to save checkpoints in.")
+    load: Optional[str] = setting(None, "--load",
+                                  "Folder to resume from (scratch if it is absent).")
+    save_interval: Optional[int] = setting(None, "--save-interval",
+                                           "Iterations between checkpoints.")
+    finetune: bool = setting(False, "--finetune",
+                             "Load only the model weights and restart at iteration 0.")
+    no_load_optim: bool = setting(False, "--no-load-optim", "Do not load the optimizer state.")
+    no_load_rng: bool = setting(False, "--no-load-rng", "Do not load the RNG states.")
 
     def __post_init__(self):
         if self.save_interval is not None:
-            _positive("save_interval", self.save_interval)
+            check_positive(self, "save_interval")
 
 
 @dataclass
 class LoggingConfig:
     """Console log line, TensorBoard and the per-iteration JSONL metrics."""
 
-    log_interval: int = 10
-    tensorboard_dir: Optional[str] = None
-    metrics_jsonl: Optional[str] = None
+    log_interval: int = setting(10, "--log-interval", "Iterations between log lines.")
+    tensorboard_dir: Optional[str] = setting(None, "--tensorboard-dir",
+                                             "Write TensorBoard events here.")
+    metrics_jsonl: Optional[str] = setting(
+        None, "--metrics-jsonl", "Append one JSON object of metrics per iteration to this file.",
+        metavar="PATH")
+    timing_log_level: int = setting(
+        0, "--timing-log-level", "Stage timers: 0 off; 1 or 2 time forward-backward, the "
+        "gradient all-reduce wait, the optimizer and the MoE all-to-all / experts / compression "
+        "per iteration (metrics JSONL 'timers', and a line at each log interval).",
+        choices=(0, 1, 2))
 
     def __post_init__(self):
-        _positive("log_interval", self.log_interval)
+        check_positive(self, "log_interval")
+        check_choice(self, "timing_log_level")
+
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
+            "optimizer": OptimizerConfig, "training": TrainingConfig, "data": DataConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+"""Section name -> config class, in the order of ``MegatronLSHConfig``'s fields."""
 
 
 @dataclass
 class MegatronLSHConfig:
-    """A whole run: one config per component."""
+    """A whole run: one config per component; cross-section checks run here."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -322,6 +475,9 @@ class MegatronLSHConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        self.optimizer.schedule_iters(self.training.train_iters)
 
     def to_dict(self) -> dict:
         """Plain nested dict (stored in checkpoints and logs)."""

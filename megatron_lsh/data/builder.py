@@ -5,10 +5,15 @@
   (whole documents, in file order).
 - ``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path``: separate prefixes
   (each used whole) per split, e.g. the train / valid files of ``tools/prepare_corpus.py``.
+
+The dataset is given as a class (or its name in ``DATASET_KINDS``). Every dataset class is
+built as ``cls(prefix, document_range, num_samples, seq_length, seed[, special], name=...,
+cache_dir=..., group=..., log=..., **dataset_kwargs)``; ``special`` (the tokenizer's special
+token ids) is passed when the class sets ``needs_special_tokens``.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
 
 from .blended import BlendedDataset, blended_sample_counts
 from .errors import DataError
@@ -19,7 +24,8 @@ from .special_tokens import SpecialTokenIds
 from .t5_dataset import T5Dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
-DATASET_KINDS = {"gpt": GPTDataset, "mlm": MLMDataset, "t5": T5Dataset}
+DATASET_KINDS = {cls.kind: cls for cls in (GPTDataset, MLMDataset, T5Dataset)}
+"""Dataset classes by name (``gpt``, ``mlm``, ``t5``), for callers that name the kind."""
 
 
 def parse_split(split: Union[str, Sequence[float]]) -> List[float]:
@@ -75,18 +81,28 @@ def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Li
     return items[1::2], weights
 
 
-def _make(kind, prefix, document_range, num_samples, name, *, seq_length, seed, special,
+def _make(cls, prefix, document_range, num_samples, name, *, seq_length, seed, special,
           cache_dir, group, log, kwargs):
-    cls = DATASET_KINDS[kind]
-    common = dict(name=name, cache_dir=cache_dir, group=group, log=log)
-    if kind == "gpt":
-        return cls(prefix, document_range, num_samples, seq_length, seed, **common, **kwargs)
-    if special is None:
-        raise DataError(f"{kind} datasets need the tokenizer's special token ids (special=)")
-    return cls(prefix, document_range, num_samples, seq_length, seed, special, **common, **kwargs)
+    args = (prefix, document_range, num_samples, seq_length, seed)
+    if getattr(cls, "needs_special_tokens", False):
+        if special is None:
+            raise DataError(f"{getattr(cls, 'kind', cls.__name__)} datasets need the tokenizer's "
+                            f"special token ids (special=)")
+        args += (special,)
+    return cls(*args, name=name, cache_dir=cache_dir, group=group, log=log, **kwargs)
 
 
-def build_train_valid_test_datasets(kind: str, *, seq_length: int, seed: int,
+def dataset_class(kind: Union[str, Type]) -> Type:
+    """The dataset class of ``kind``: a class is returned as is, a name looked up in
+    ``DATASET_KINDS``."""
+    if not isinstance(kind, str):
+        return kind
+    if kind not in DATASET_KINDS:
+        raise DataError(f"dataset kind {kind!r} is not one of {', '.join(DATASET_KINDS)}")
+    return DATASET_KINDS[kind]
+
+
+def build_train_valid_test_datasets(kind: Union[str, Type], *, seq_length: int, seed: int,
                                     num_samples: Sequence[Optional[int]],
                                     data_path: Optional[Sequence[str]] = None,
                                     split: Union[str, Sequence[float]] = "949,50,1",
@@ -96,15 +112,14 @@ def build_train_valid_test_datasets(kind: str, *, seq_length: int, seed: int,
                                     special: Optional[SpecialTokenIds] = None,
                                     cache_dir: Optional[str] = None, group=None,
                                     log: Optional[Callable[[str], None]] = None, **dataset_kwargs):
-    """(train, valid, test) datasets of ``kind`` (``gpt``, ``mlm`` or ``t5``); None where a split
-    has no samples requested or no documents.
+    """(train, valid, test) datasets of ``kind`` (a dataset class, or ``gpt``, ``mlm``, ``t5``);
+    None where a split has no samples requested or no documents.
 
     ``num_samples`` is (train, valid, test) sample counts (None: one epoch; not allowed for
     blends). ``dataset_kwargs`` go to the dataset class (e.g. ``mask_prob``,
     ``decoder_seq_length``, ``eod``/``eod_mask_loss``).
     """
-    if kind not in DATASET_KINDS:
-        raise DataError(f"dataset kind {kind!r} is not one of {', '.join(DATASET_KINDS)}")
+    cls = dataset_class(kind)
     if len(num_samples) != 3:
         raise DataError(f"num_samples must give (train, valid, test) counts, got {list(num_samples)}")
     opts = dict(seq_length=seq_length, seed=seed, special=special, cache_dir=cache_dir,
@@ -138,11 +153,11 @@ def build_train_valid_test_datasets(kind: str, *, seq_length: int, seed: int,
             prefixes, weights = parse_data_path(paths)
             ranges = [None] * len(prefixes)
         if len(prefixes) == 1:
-            results.append(_make(kind, prefixes[0], ranges[0], n, name, **opts))
+            results.append(_make(cls, prefixes[0], ranges[0], n, name, **opts))
             continue
         if n is None:
             raise DataError(f"the {name} blend of {len(prefixes)} datasets needs a sample count")
         counts = blended_sample_counts(weights, n)
-        parts = [_make(kind, p, r, c, name, **opts) for p, r, c in zip(prefixes, ranges, counts)]
+        parts = [_make(cls, p, r, c, name, **opts) for p, r, c in zip(prefixes, ranges, counts)]
         results.append(BlendedDataset(parts, weights, n, name=name))
     return tuple(results)

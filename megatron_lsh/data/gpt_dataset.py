@@ -61,6 +61,11 @@ class GPTDataset(torch.utils.data.Dataset):
         group: process group whose rank 0 builds the indices (default: the world).
     """
 
+    kind = "gpt"
+    """The dataset's name in ``builder.DATASET_KINDS``."""
+    needs_special_tokens = False
+    """Whether the builder must pass the tokenizer's :class:`SpecialTokenIds` (after ``seed``)."""
+
     def __init__(self, indexed: Union[str, IndexedDataset], document_range: Optional[Tuple[int, int]],
                  num_samples: Optional[int], seq_length: int, seed: int, *, name: str = "train",
                  cache_dir: Optional[str] = None, shuffle: bool = True, eod: Optional[int] = None,

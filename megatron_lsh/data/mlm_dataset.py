@@ -46,6 +46,7 @@ class MLMDataset(SentenceSpanSamples):
     """
 
     kind = "mlm"
+    needs_special_tokens = True  # cls / sep / mask / sentinel ids come from the tokenizer
 
     def __init__(self, indexed: Union[str, IndexedDataset], document_range: Optional[Tuple[int, int]],
                  num_samples: Optional[int], seq_length: int, seed: int, special: SpecialTokenIds, *,

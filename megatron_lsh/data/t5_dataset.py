@@ -74,6 +74,7 @@ class T5Dataset(SentenceSpanSamples):
     """
 
     kind = "t5"
+    needs_special_tokens = True  # cls / sep / mask / sentinel ids come from the tokenizer
 
     def __init__(self, indexed: Union[str, IndexedDataset], document_range: Optional[Tuple[int, int]],
                  num_samples: Optional[int], seq_length: int, seed: int, special: SpecialTokenIds, *,

@@ -19,7 +19,7 @@ from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.layers import (VocabParallelEmbedding, init_method_normal,
                                           parallel_lm_logits, vocab_parallel_cross_entropy)
 from megatron_lsh.parallel.mappings import scatter_to_sequence_parallel_region
-from megatron_lsh.parallel.random import get_rng_tracker
+from megatron_lsh.parallel.random import get_rng_tracker, seeded
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -39,7 +39,6 @@ class Embedding(nn.Module):
     def __init__(self, config: ModelConfig, groups: ProcessGroups, *, seed: int,
                  max_positions: int, sequence_parallel: bool = False, device=None):
         super().__init__()
-        from megatron_lsh.models.transformer import seeded  # local: avoid an import cycle
         self.groups = groups
         self.sequence_parallel = sequence_parallel
         self.dropout = config.hidden_dropout
@@ -83,7 +82,6 @@ class OutputLayer(nn.Module):
                  tied_weight: Optional[nn.Parameter], sequence_parallel: bool = False,
                  bias: bool = False, device=None):
         super().__init__()
-        from megatron_lsh.models.transformer import seeded
         self.groups = groups
         self.sequence_parallel = sequence_parallel
         self.tied_weight = [tied_weight]  # a list so it is not registered twice

@@ -8,26 +8,34 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from megatron_lsh.config import ModelConfig, MoEConfig
+from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.embedding import (OutputLayer, first_stage_embedding,
                                           mark_shared_embedding)
 from megatron_lsh.models.transformer import TransformerBlock
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.pipeline import stage_layer_range
-
-EMBEDDING_SEED_PART = 17
-OUTPUT_SEED_PART = 29
+from megatron_lsh.parallel.random import SeedPart
 
 
-class GPTModel(nn.Module):
+class GPTModel(StageModel):
     """This rank's stage of GPT-MoE.
 
     ``forward(input_ids [b, s] | hidden_states [s, b, h], labels [b, s] | None)`` returns
     ``(out, aux_loss)``: on the last stage ``out`` is the per-token loss [b, s] (or logits
     [s, b, V/tp] without labels), elsewhere the hidden states for the next stage.
     """
+
+    kind = "gpt"
+
+    @staticmethod
+    def synthetic_batch(config: ModelConfig, batch: int, generator: torch.Generator) -> dict:
+        """Random tokens shifted by one: ``input_ids`` and ``labels`` [b, s], every position
+        counting in ``loss_mask``."""
+        s, v = config.seq_length, config.vocab_size
+        tokens = torch.randint(0, v, (batch, s + 1), generator=generator)
+        return dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=torch.ones(batch, s))
 
     def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
                  seed: int = 1234, sequence_parallel: bool = False, device=None):
@@ -37,7 +45,7 @@ class GPTModel(nn.Module):
         self.post_process = groups.is_last_stage
         tied = not config.untie_embeddings_and_output_weights
         layers = stage_layer_range(config.num_layers, groups.pp_size, groups.pp_rank)
-        self.embedding = first_stage_embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+        self.embedding = first_stage_embedding(config, groups, seed=seed + SeedPart.EMBEDDING,
                                                tied=tied, sequence_parallel=sequence_parallel,
                                                device=device)
         self.decoder = TransformerBlock(config, moe, groups, [n + 1 for n in layers], seed=seed,
@@ -48,7 +56,7 @@ class GPTModel(nn.Module):
             share_here = tied and self.pre_process
             self.output_layer = OutputLayer(
                 config, groups,
-                seed=seed + (EMBEDDING_SEED_PART if tied else OUTPUT_SEED_PART),
+                seed=seed + (SeedPart.EMBEDDING if tied else SeedPart.OUTPUT),
                 tied_weight=self.embedding.word_embeddings.weight if share_here else None,
                 sequence_parallel=sequence_parallel, device=device)
             if tied and not share_here:

@@ -17,29 +17,45 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from megatron_lsh.config import ModelConfig, MoEConfig
+from megatron_lsh.config import ModelConfig, MoEConfig, replace_config
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named model: architecture kind plus its model and MoE configs."""
+    """A named model: its task kind plus complete model and MoE configs.
+
+    ``model()`` and ``moe()`` return fresh copies (configs are mutable; a run may adjust its
+    copy, e.g. the vocabulary size from the tokenizer).
+    """
 
     name: str
-    kind: str  # "gpt", "roberta" or "t5"
-    model: Callable[[], ModelConfig]
-    moe: Callable[[], MoEConfig]
+    kind: str
+    """The task that trains it: 'gpt', 'roberta' or 't5'."""
+    model_config: ModelConfig
+    moe_config: MoEConfig
     doc: str = ""
 
+    def model(self) -> ModelConfig:
+        """A copy of the model config."""
+        return replace_config(self.model_config)
 
-def _gpt(layers, hidden, ffn, experts, seq=2048):
-    return (lambda: ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                                num_attention_heads=hidden // 64, seq_length=seq,
-                                max_position_embeddings=seq, vocab_size=50257),
-            lambda: MoEConfig(num_experts=experts, moe_layer_freq=2, router_topk=2))
+    def moe(self) -> MoEConfig:
+        """A copy of the MoE config."""
+        return replace_config(self.moe_config)
+
+
+_PAPER_MODEL = ModelConfig(vocab_size=50257)
+"""What the paper recipes share (see the module docstring); each replaces the shape."""
+_PAPER_MOE = MoEConfig(num_experts=16, moe_layer_freq=2, router_topk=2)
+
+
+def _gpt(layers: int, hidden: int, ffn: int, experts: int, seq: int = 2048):
+    return (replace_config(_PAPER_MODEL, num_layers=layers, hidden_size=hidden,
+                           ffn_hidden_size=ffn, num_attention_heads=hidden // 64, seq_length=seq),
+            replace_config(_PAPER_MOE, num_experts=experts))
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -57,10 +73,9 @@ _register(Recipe("gpt-moe-52b", "gpt", *_gpt(24, 1024, 4096, 512),
                      "Table 1: 51740M total, 51539M in experts."))
 _register(Recipe(
     "roberta-moe", "roberta",
-    lambda: ModelConfig(num_layers=12, hidden_size=768, ffn_hidden_size=3072,
-                        num_attention_heads=12, seq_length=512, max_position_embeddings=512,
-                        vocab_size=50257),
-    lambda: MoEConfig(num_experts=16, moe_layer_freq=3, router_topk=2),
+    replace_config(_PAPER_MODEL, num_layers=12, hidden_size=768, ffn_hidden_size=3072,
+                   num_attention_heads=12, seq_length=512),
+    replace_config(_PAPER_MOE, moe_layer_freq=3),
     doc="RoBERTa-MoE: 12 layers, d 768, ffn 3072, 16 experts. Table 1 gives 302M expert and "
         "394M total parameters. 16 experts of 2 x 768 x 3072 weights are 75.5M per MoE layer, "
         "so 302M is exactly 4 MoE layers, not the 6 that 'every 2nd layer' would give (453M). "
@@ -70,29 +85,25 @@ _register(Recipe(
         "layer the total would be 15% above."))
 _register(Recipe(
     "t5-moe", "t5",
-    lambda: ModelConfig(num_layers=16, decoder_num_layers=16, hidden_size=1024,
-                        ffn_hidden_size=16384, num_attention_heads=16, seq_length=512,
-                        max_position_embeddings=512, decoder_seq_length=128, vocab_size=50257),
-    lambda: MoEConfig(num_experts=16, moe_layer_freq=2, router_topk=2),
+    replace_config(_PAPER_MODEL, num_layers=16, decoder_num_layers=16, hidden_size=1024,
+                   ffn_hidden_size=16384, num_attention_heads=16, seq_length=512,
+                   decoder_seq_length=128),
+    _PAPER_MOE,
     doc="T5-MoE: 16 encoder + 16 decoder layers, d 1024, ffn 16384, 16 experts every 2nd "
         "layer of each stack (16 MoE layers); Table 1: 9288M total, 8594M in experts."))
 
-_TINY = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, seq_length=64,
-             max_position_embeddings=64, vocab_size=4096, hidden_dropout=0.0,
-             attention_dropout=0.0)
-_register(Recipe("tiny-gpt-moe", "gpt",
-                 lambda: ModelConfig(num_layers=4, **_TINY),
-                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
+_TINY_MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128,
+                          num_attention_heads=4, seq_length=64, vocab_size=4096,
+                          hidden_dropout=0.0, attention_dropout=0.0)
+_TINY_MOE = MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2)
+_register(Recipe("tiny-gpt-moe", "gpt", _TINY_MODEL, _TINY_MOE,
                  doc="A 4-layer GPT-MoE (d 64, 4 experts every 2nd layer) for CPU runs."))
-_register(Recipe("tiny-roberta-moe", "roberta",
-                 lambda: ModelConfig(num_layers=4, **_TINY),
-                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
+_register(Recipe("tiny-roberta-moe", "roberta", _TINY_MODEL, _TINY_MOE,
                  doc="A 4-layer RoBERTa-MoE for CPU runs."))
 _register(Recipe("tiny-t5-moe", "t5",
-                 lambda: ModelConfig(num_layers=2, decoder_num_layers=2, decoder_seq_length=16,
-                                     **_TINY),
-                 lambda: MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2),
-                 doc="A 2+2-layer T5-MoE for CPU runs."))
+                 replace_config(_TINY_MODEL, num_layers=2, decoder_num_layers=2,
+                                decoder_seq_length=16),
+                 _TINY_MOE, doc="A 2+2-layer T5-MoE for CPU runs."))
 
 
 def get_recipe(name: str) -> Recipe:
@@ -104,15 +115,14 @@ def get_recipe(name: str) -> Recipe:
 
 def build_model(kind: str, model: ModelConfig, moe: MoEConfig, groups=None, *, seed: int = 1234,
                 sequence_parallel: bool = False, device=None) -> torch.nn.Module:
-    """Build this rank's stage of a GPT / RoBERTa / T5 model (single process by default)."""
-    from megatron_lsh.models.gpt import GPTModel
-    from megatron_lsh.models.roberta import RobertaModel
-    from megatron_lsh.models.t5 import T5Model
+    """Build this rank's stage of a model of ``kind`` (a ``MODEL_CLASSES`` name: 'gpt',
+    'roberta', 't5'), single process by default."""
+    from megatron_lsh.models.registry import model_class
     from megatron_lsh.parallel.dims import ProcessGroups
 
     groups = groups or ProcessGroups.single()
-    cls = {"gpt": GPTModel, "roberta": RobertaModel, "t5": T5Model}[kind]
-    return cls(model, moe, groups, seed=seed, sequence_parallel=sequence_parallel, device=device)
+    return model_class(kind)(model, moe, groups, seed=seed, sequence_parallel=sequence_parallel,
+                             device=device)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lsh.config import ModelConfig, MoEConfig
+from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.embedding import (OutputLayer, first_stage_embedding,
                                           mark_shared_embedding)
-from megatron_lsh.models.transformer import TransformerBlock, layer_seed, seeded
+from megatron_lsh.models.transformer import TransformerBlock
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.layers import build_layernorm, init_method_normal
 from megatron_lsh.parallel.pipeline import stage_layer_range
-
-EMBEDDING_SEED_PART = 17
-HEAD_SEED_PART = 31
+from megatron_lsh.parallel.random import SeedPart, layer_seed, seeded
 
 
 class MLMHead(nn.Module):
@@ -44,12 +43,26 @@ class MLMHead(nn.Module):
         return self.layernorm(F.gelu(self.dense(x_sbh)))
 
 
-class RobertaModel(nn.Module):
+class RobertaModel(StageModel):
     """This rank's stage of RoBERTa-MoE.
 
     ``forward(input_ids [b, s] | hidden_states, padding_mask [b, s] (True = real token),
     labels [b, s] | None)`` returns ``(out, aux_loss)`` like :class:`GPTModel`.
     """
+
+    kind = "roberta"
+
+    @staticmethod
+    def synthetic_batch(config: ModelConfig, batch: int, generator: torch.Generator) -> dict:
+        """Random tokens with 15% of the positions masked (id 0), the first always among them
+        so the loss never has zero tokens; no padding."""
+        s, v = config.seq_length, config.vocab_size
+        tokens = torch.randint(1, v, (batch, s), generator=generator)
+        masked = torch.rand(batch, s, generator=generator) < 0.15
+        masked[:, 0] = True
+        return dict(input_ids=torch.where(masked, torch.zeros_like(tokens), tokens),
+                    padding_mask=torch.ones(batch, s, dtype=torch.bool), labels=tokens,
+                    loss_mask=masked.float())
 
     def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
                  seed: int = 1234, sequence_parallel: bool = False, device=None):
@@ -57,7 +70,7 @@ class RobertaModel(nn.Module):
         self.pre_process = groups.is_first_stage
         self.post_process = groups.is_last_stage
         layers = stage_layer_range(config.num_layers, groups.pp_size, groups.pp_rank)
-        self.embedding = first_stage_embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+        self.embedding = first_stage_embedding(config, groups, seed=seed + SeedPart.EMBEDDING,
                                                tied=True, sequence_parallel=sequence_parallel,
                                                device=device)
         self.encoder = TransformerBlock(config, moe, groups, [n + 1 for n in layers], seed=seed,
@@ -65,10 +78,10 @@ class RobertaModel(nn.Module):
                                         sequence_parallel=sequence_parallel, device=device)
         self.head = self.output_layer = None
         if self.post_process:
-            self.head = MLMHead(config, layer_seed(seed, 0, HEAD_SEED_PART), sequence_parallel,
+            self.head = MLMHead(config, layer_seed(seed, 0, SeedPart.MLM_HEAD), sequence_parallel,
                                 device=device)
             self.output_layer = OutputLayer(
-                config, groups, seed=seed + EMBEDDING_SEED_PART,
+                config, groups, seed=seed + SeedPart.EMBEDDING,
                 tied_weight=self.embedding.word_embeddings.weight if self.pre_process else None,
                 sequence_parallel=sequence_parallel, bias=True, device=device)
             if not self.pre_process:

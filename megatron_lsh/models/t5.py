@@ -17,17 +17,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from megatron_lsh.config import ConfigError, ModelConfig, MoEConfig
+from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.embedding import Embedding, OutputLayer, mark_shared_embedding
 from megatron_lsh.models.transformer import TransformerBlock
 from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.parallel.random import SeedPart
 
-EMBEDDING_SEED_PART = 17
 
-
-class T5Model(nn.Module):
+class T5Model(StageModel):
     """This rank's stage of T5-MoE.
 
     ``forward(encoder_input_ids [b, s_e], decoder_input_ids [b, s_d], encoder_padding_mask
@@ -35,6 +34,36 @@ class T5Model(nn.Module):
     ``(out, aux_loss)``: the encoder output on an encoder-only stage, else the per-token loss
     [b, s_d] (or logits without labels).
     """
+
+    kind = "t5"
+
+    @classmethod
+    def total_num_layers(cls, config: ModelConfig) -> int:
+        """Encoder plus decoder layers (numbered 1..E, then E+1..E+D)."""
+        return config.num_layers + config.decoder_num_layers
+
+    @classmethod
+    def decoder_num_layers(cls, config: ModelConfig) -> int:
+        """The decoder stack's layers."""
+        return config.decoder_num_layers
+
+    @classmethod
+    def tokens_per_sample(cls, config: ModelConfig) -> int:
+        """Encoder plus decoder tokens."""
+        return config.seq_length + config.decoder_seq_length
+
+    @staticmethod
+    def synthetic_batch(config: ModelConfig, batch: int, generator: torch.Generator) -> dict:
+        """Random encoder tokens and decoder labels (decoder input: the labels shifted right
+        after a start token 0); no padding, every decoder position counting in the loss."""
+        s, v = config.seq_length, config.vocab_size
+        sd = config.decoder_seq_length
+        labels = torch.randint(1, v, (batch, sd), generator=generator)
+        return dict(encoder_input_ids=torch.randint(1, v, (batch, s), generator=generator),
+                    encoder_padding_mask=torch.ones(batch, s, dtype=torch.bool),
+                    decoder_input_ids=torch.cat([torch.zeros(batch, 1, dtype=torch.long),
+                                                 labels[:, :-1]], dim=1),
+                    labels=labels, loss_mask=torch.ones(batch, sd))
 
     def __init__(self, config: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
                  seed: int = 1234, sequence_parallel: bool = False, device=None):
@@ -48,7 +77,7 @@ class T5Model(nn.Module):
         self.has_decoder = groups.pp_rank == groups.pp_size - 1
         enc, dec = config.num_layers, config.decoder_num_layers
         max_pos = max(config.max_position_embeddings, config.decoder_seq_length)
-        self.embedding = Embedding(config, groups, seed=seed + EMBEDDING_SEED_PART,
+        self.embedding = Embedding(config, groups, seed=seed + SeedPart.EMBEDDING,
                                    max_positions=max_pos, device=device)
         if groups.pp_size > 1:  # each stage holds a copy of the shared embeddings
             mark_shared_embedding(self.embedding.word_embeddings.weight, groups)
@@ -61,7 +90,7 @@ class T5Model(nn.Module):
             self.decoder = TransformerBlock(config, moe, groups, range(enc + 1, enc + dec + 1),
                                             seed=seed, causal=True, cross_attention=True,
                                             device=device)
-            self.output_layer = OutputLayer(config, groups, seed=seed + EMBEDDING_SEED_PART,
+            self.output_layer = OutputLayer(config, groups, seed=seed + SeedPart.EMBEDDING,
                                             tied_weight=self.embedding.word_embeddings.weight,
                                             bias=True, device=device)
 

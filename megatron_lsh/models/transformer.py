@@ -11,12 +11,12 @@ tp = 1) and expert parallelism inside :class:`megatron_lsh.moe.MoELayer`.
 Initialisation does not depend on the layout: every layer seeds the global generator from
 ``(seed, layer_number)`` before building its parameters, and the parallel layers draw the
 full (master) weight and keep their shard. So a TP/PP/EP model starts equal to the
-single-process one.
+single-process one. The seed scheme (:func:`~megatron_lsh.parallel.random.layer_seed`,
+:class:`~megatron_lsh.parallel.random.SeedPart`) lives in :mod:`megatron_lsh.parallel.random`.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -28,23 +28,11 @@ from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                           build_layernorm, init_method_normal,
                                           scaled_init_method_normal)
-from megatron_lsh.parallel.random import checkpoint, get_rng_tracker
+from megatron_lsh.parallel.random import (SeedPart, checkpoint, get_rng_tracker, layer_seed,
+                                          seeded)
 
-
-@contextmanager
-def seeded(seed: int):
-    """Run a block with the global CPU generator seeded, restoring the previous state after."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
-def layer_seed(seed: int, layer_number: int, part: int = 0) -> int:
-    """A per-layer initialisation seed, independent of which stage builds the layer."""
-    return (seed * 1_000_003 + layer_number * 101 + part) % (2 ** 63)
+__all__ = ["ParallelAttention", "ParallelMLP", "TransformerBlock", "TransformerLayer",
+           "activation_fn", "is_moe_layer", "layer_seed", "seeded"]
 
 
 def is_moe_layer(layer_number: int, moe: MoEConfig) -> bool:
@@ -168,7 +156,7 @@ class TransformerLayer(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.hidden_dropout = config.hidden_dropout
         selective = config.recompute_granularity == "selective"
-        with seeded(layer_seed(seed, layer_number)):
+        with seeded(layer_seed(seed, layer_number, SeedPart.LAYER)):
             self.ln_attn = build_layernorm(config.hidden_size, config.layernorm_epsilon,
                                            sequence_parallel, device=device)
             self.attention = ParallelAttention(config, groups, attention_type="self",
@@ -192,7 +180,7 @@ class TransformerLayer(nn.Module):
                                     init_method_std=config.init_method_std,
                                     output_layer_init_std=config.init_method_std
                                     / math.sqrt(2.0 * config.num_layers),
-                                    seed=layer_seed(seed, layer_number, part=1),
+                                    seed=layer_seed(seed, layer_number, SeedPart.MOE),
                                     sequence_parallel=sequence_parallel, device=device)
             else:
                 self.mlp = ParallelMLP(config, groups, sequence_parallel, device=device)
@@ -243,7 +231,7 @@ class TransformerBlock(nn.Module):
             for n in layer_numbers})
         self.final_layernorm = None
         if final_layernorm:
-            with seeded(layer_seed(seed, 0, part=7)):
+            with seeded(layer_seed(seed, 0, SeedPart.FINAL_LAYERNORM)):
                 self.final_layernorm = build_layernorm(config.hidden_size,
                                                        config.layernorm_epsilon,
                                                        sequence_parallel, device=device)

@@ -1,10 +1,9 @@
 """Mixture-of-Experts: router, grouped experts, the all-to-all dispatcher and its compressors.
 
 ``MoELayer`` is what the model code uses; the other names are exported for tests and
-benchmarks. ``lsh`` holds the pure functions of the LSH compression path.
+benchmarks. Compressors live one per file in :mod:`megatron_lsh.moe.compressors`.
 """
-from megatron_lsh.moe.compression import (CastCompressor, Compressor, LSHCompressor,
-                                          NoCompression, build_compressor)
+from megatron_lsh.moe.compressors import Compressor, build_compressor, compressor_names
 from megatron_lsh.moe.dispatcher import AllToAllDispatcher
 from megatron_lsh.moe.experts import GroupedExperts
 from megatron_lsh.moe.layer import MoELayer
@@ -12,5 +11,4 @@ from megatron_lsh.moe.router import Routing, TopKRouter
 from megatron_lsh.moe.stats import MoEStats
 
 __all__ = ["MoELayer", "MoEStats", "TopKRouter", "Routing", "GroupedExperts",
-           "AllToAllDispatcher", "Compressor", "NoCompression", "LSHCompressor",
-           "CastCompressor", "build_compressor"]
+           "AllToAllDispatcher", "Compressor", "build_compressor", "compressor_names"]

@@ -14,8 +14,8 @@ between the permutation and the all-to-all:
 4. the local experts run (one grouped MLP).
 5. ``combine_preprocess``: undo step 3.
 6. ``token_combine``: the reverse all-to-all brings the outputs back to their senders.
-7. ``combine_postprocess``: the compressor restores one output per row; rows are weighted by
-   their gates and summed into their tokens.
+7. ``combine_postprocess``: the compressor turns the returned payload into one gate-weighted
+   output per token (for ``none``: rows weighted by their gates and summed into tokens).
 
 Every rank takes part in every collective even with zero rows, so no configuration of routing
 (a rank sending nothing, an expert receiving nothing, an empty batch) can deadlock.
@@ -33,12 +33,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lsh.moe.compression import (Compressor, NoCompression, Rows,
-                                          weighted_sum_into_tokens)
+from megatron_lsh.moe.compressors import Compressor, Rows
 from megatron_lsh.moe.experts import GroupedExperts
 from megatron_lsh.moe.router import Routing
 from megatron_lsh.moe.stats import MoEStats, StageTimer
-from megatron_lsh.parallel.all_to_all import all_to_all, exchange_counts, group_rank, group_size
+from megatron_lsh.parallel.all_to_all import (all_to_all, exchange_counts, gather_rows_from_tp,
+                                              group_rank, group_size, split_rows_to_tp,
+                                              tp_row_shares, tp_share_sizes)
 
 
 @dataclass
@@ -51,16 +52,18 @@ class DispatchState:
     output_splits: list
     recv_counts: Optional[list] = None
     """Rows received per (source rank s, local expert e), at index ``s * X + e``."""
+    tp_shares: Optional[list] = None
+    """With a TP-shared payload: the payload rows of each TP rank."""
 
 
 class AllToAllDispatcher:
     """Moves rows to the ranks that hold their experts and brings the outputs back.
 
-    ``compressor=None`` runs the plain path (no compress / restore calls at all).
+    It knows only the compressor protocol (``moe/compressors/base.py``).
     """
 
     def __init__(self, num_experts: int, ep_group: Optional[dist.ProcessGroup],
-                 compressor: Optional[Compressor] = None):
+                 compressor: Compressor):
         self.num_experts = num_experts
         self.group = ep_group
         self.ep_size, self.ep_rank = group_size(ep_group), group_rank(ep_group)
@@ -70,7 +73,7 @@ class AllToAllDispatcher:
     @property
     def codec(self):
         """The compressor's wire codec, if any."""
-        return None if self.compressor is None else self.compressor.codec
+        return self.compressor.codec
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -90,17 +93,13 @@ class AllToAllDispatcher:
         rows = Rows(x_TH, expert_of_row, torch.div(slot_of_row, topk, rounding_mode="floor"),
                     gate_of_row[order_R],
                     torch.bincount(expert_of_row, minlength=self.num_experts), slot_of_row, topk,
-                    routing.projections_TX)
+                    routing.columns_TQ)
         stats.tokens, stats.rows = num_tokens, int(slot_of_row.shape[0])
         stats.dropped_rows = num_tokens * topk - stats.rows
-        if self.compressor is None or isinstance(self.compressor, NoCompression):
-            rows.gather_rows()                          # the row copies are the payload
-        timer.lap("permute")
-
-        if self.compressor is None:
-            payload_PH, payload_per_expert_E, context = rows.rows_RH, rows.rows_per_expert_E, None
-        else:
-            payload_PH, payload_per_expert_E, context = self.compressor.compress(rows, timer)
+        stats.overhead_stages = self.compressor.overhead_stages
+        # The compressor's first lap ("permute") closes the permutation: a compressor that
+        # needs the row copies gathers them before it.
+        payload_PH, payload_per_expert_E, context = self.compressor.compress(rows, timer)
         state = DispatchState(rows, context, [], [])
         return payload_PH, payload_per_expert_E, state
 
@@ -160,24 +159,39 @@ class AllToAllDispatcher:
 
     def combine_postprocess(self, back_PH: torch.Tensor, state: DispatchState,
                             timer: StageTimer) -> torch.Tensor:
-        """Step 7: restore one output per row, weight by gates, sum into tokens."""
-        if self.compressor is not None:
-            return self.compressor.combine(back_PH, state.context, state.rows, timer)
-        timer.lap("restore")
-        out_TH = weighted_sum_into_tokens(back_PH, state.rows)
-        timer.lap("unpermute")
-        return out_TH
+        """Step 7: the compressor turns the returned payload into the tokens' outputs."""
+        return self.compressor.combine(back_PH, state.context, state.rows, timer)
 
     # -- the whole path ---------------------------------------------------------------------
 
+    def share_payload_over_tp(self, payload_PH: torch.Tensor, payload_per_expert_E: torch.Tensor,
+                              state: DispatchState, tp_group) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+        """Step 1b (TP-shared payload): every TP rank built the same payload from the same
+        (replicated) tokens; each sends only its share of every expert's payload rows."""
+        state.tp_shares, share_counts = tp_row_shares(payload_per_expert_E.tolist(),
+                                                      group_size(tp_group))
+        return (split_rows_to_tp(payload_PH, state.tp_shares, tp_group),
+                share_counts[group_rank(tp_group)].to(payload_per_expert_E.device))
+
     def __call__(self, x_TH: torch.Tensor, routing: Routing, experts: GroupedExperts,
-                 timer: Optional[StageTimer] = None) -> tuple[torch.Tensor, MoEStats]:
-        """Dispatch ``x_TH`` by ``routing``, run ``experts``, combine; returns output and stats."""
+                 timer: Optional[StageTimer] = None, tp_group=None
+                 ) -> tuple[torch.Tensor, MoEStats]:
+        """Dispatch ``x_TH`` by ``routing``, run ``experts``, combine; returns output and stats.
+
+        ``tp_group``: the tokens are replicated over this TP group and the compressor is
+        ``tp_shared``: every TP rank compresses all of them identically and sends only its
+        share of the payload; the returned outputs are all-gathered over TP before the combine.
+        """
         timer = timer or StageTimer(False)
         stats = MoEStats()
         timer.start(stats)
         payload_PH, payload_per_expert_E, state = self.dispatch_preprocess(
             x_TH, routing, timer, stats)
+        full_payload_PH = payload_PH
+        if group_size(tp_group) > 1:
+            payload_PH, payload_per_expert_E = self.share_payload_over_tp(
+                payload_PH, payload_per_expert_E, state, tp_group)
         recv_MH = self.token_dispatch(payload_PH, payload_per_expert_E, state, timer)
         expert_in_MH, rows_per_local_expert = self.dispatch_postprocess(recv_MH, state)
         expert_in_MH = timer.mark(expert_in_MH, "experts_bwd", "in")
@@ -186,16 +200,37 @@ class AllToAllDispatcher:
         timer.lap("experts")
         out_MH = self.combine_preprocess(expert_out_MH, state)
         back_PH = self.token_combine(out_MH, state, timer)
+        if state.tp_shares is not None:
+            back_PH = gather_rows_from_tp(back_PH, state.tp_shares, tp_group)
+            timer.lap("tp_gather")
         out_TH = self.combine_postprocess(back_PH, state, timer)
         self._fill_stats(stats, state, payload_PH)
+        if state.tp_shares is not None:
+            self._share_stats_over_tp(stats, state, full_payload_PH, group_rank(tp_group))
         return out_TH, stats
+
+    @staticmethod
+    def _share_stats_over_tp(stats: MoEStats, state: DispatchState, full_payload_PH,
+                             tp_rank: int) -> None:
+        """Per-rank shares of replicated counts (so sums over ranks count each row once), and
+        the TP all-gather of the returned payload (forward) and of its gradient (backward)."""
+        tp = len(state.tp_shares)
+        stats.tokens = tp_share_sizes(stats.tokens, tp)[tp_rank]
+        stats.dropped_rows = tp_share_sizes(stats.dropped_rows, tp)[tp_rank]
+        stats.rows = tp_share_sizes(stats.rows, tp)[tp_rank]
+        stats.compression_rate = stats.sent_rows / stats.rows if stats.rows else 1.0
+        others = full_payload_PH.shape[0] - state.tp_shares[tp_rank].numel()
+        gathered = others * full_payload_PH.shape[1] * full_payload_PH.element_size()
+        stats.tp_bytes = gathered
+        for name in ("bytes_fwd", "bytes_bwd", "bytes_fwd_total", "bytes_bwd_total"):
+            setattr(stats, name, getattr(stats, name) + gathered)
 
     def _fill_stats(self, stats: MoEStats, state: DispatchState,
                     payload_PH: torch.Tensor) -> None:
-        """Rows, centroids and bytes from the host-side split sizes (no device sync)."""
+        """Rows, rows sent and bytes from the host-side split sizes (no device sync)."""
         sent, received = state.input_splits, state.output_splits
-        stats.centroids = int(sum(sent))
-        stats.compression_rate = stats.centroids / stats.rows if stats.rows else 1.0
+        stats.sent_rows = int(sum(sent))
+        stats.compression_rate = stats.sent_rows / stats.rows if stats.rows else 1.0
         hidden, dtype = payload_PH.shape[1], payload_PH.dtype
         codec = self.codec
         row_bytes = codec.row_bytes(hidden, dtype) if codec else hidden * payload_PH.element_size()
@@ -208,5 +243,4 @@ class AllToAllDispatcher:
         stats.bytes_bwd_total = rows_all * row_bytes
         stats.bytes_fwd = stats.bytes_bwd + counts_out
         stats.bytes_fwd_total = stats.bytes_bwd_total + counts_all
-        if self.compressor is not None:
-            stats._cosine = self.compressor.cosine(state.context)
+        stats.extra = self.compressor.statistics(state.context)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_lsh.config import ConfigError
-from megatron_lsh.moe.router import mix_seed
+from megatron_lsh.parallel.random import mix_seed
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 
@@ -52,8 +52,8 @@ class GroupedExperts(nn.Module):
         if activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         if num_experts % ep_size != 0:
-            raise ConfigError(f"num_experts ({num_experts}) is not divisible by "
-                              f"expert-model-parallel-size ({ep_size})")
+            raise ConfigError(f"--num-experts ({num_experts}) is not divisible by "
+                              f"--expert-model-parallel-size ({ep_size})")
         self.num_experts, self.ep_rank, self.ep_size = num_experts, ep_rank, ep_size
         self.num_local_experts = num_experts // ep_size
         self.first_expert = ep_rank * self.num_local_experts

@@ -20,7 +20,11 @@ Losses are returned, already multiplied by their coefficients (never collected i
   probability of e over the tokens;
 * z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t) ** 2``.
 
-Legend: T tokens, H hidden, E experts, K top-k.
+The router can also multiply the tokens by extra columns in the same matmul (one read of the
+tokens serves two consumers): the compressor's ``router_columns()``, e.g. the LSH rotations.
+The product comes back as ``Routing.columns_TQ`` and is not differentiable.
+
+Legend: T tokens, H hidden, E experts, K top-k, Q extra columns.
 """
 from __future__ import annotations
 
@@ -32,15 +36,6 @@ import torch
 import torch.nn as nn
 
 from megatron_lsh.config import ConfigError
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (deterministic, no Python hash randomisation)."""
-    value = 0x2545F4914F6CDD1D
-    for part in parts:
-        value = (value * 0x9E3779B97F4A7C15 + int(part) + 0x632BE59BD9B4E019) % (2 ** 64)
-        value ^= value >> 29
-    return value % (2 ** 63)
 
 
 @dataclass
@@ -55,25 +50,33 @@ class Routing:
     """False where the capacity dropped the row; None when nothing can be dropped."""
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    projections_TX: Optional[torch.Tensor] = None
-    """``x @ extra`` when the router was given extra columns (the LSH rotations), else None."""
+    columns_TQ: Optional[torch.Tensor] = None
+    """``x @ extra_HQ`` when the router was given extra columns, else None."""
+
+    def token_slice(self, own: slice, gates_TK: torch.Tensor) -> "Routing":
+        """The decisions for tokens ``own`` (gates passed in: their slicing is autograd's)."""
+        def cut(t):
+            return None if t is None else t[own]
+        return Routing(gates_TK, self.experts_TK[own], cut(self.kept_TK), self.aux_loss,
+                       self.z_loss, cut(self.columns_TQ))
 
 
-class _LogitsAndProjections(torch.autograd.Function):
+class _LogitsAndColumns(torch.autograd.Function):
     """``x @ [W^T | extra]`` in one matmul: one read of the tokens serves the router and the
-    LSH hash. Gradients flow to ``x`` and ``W`` only (the projections are not differentiable)."""
+    compressor. Gradients flow to ``x`` and ``W`` only (the extra products are not
+    differentiable)."""
 
     @staticmethod
-    def forward(ctx, x_TH, weight_EH, extra_HX):
+    def forward(ctx, x_TH, weight_EH, extra_HQ):
         ctx.save_for_backward(x_TH, weight_EH)
-        out = x_TH @ torch.cat([weight_EH.t(), extra_HX], dim=1)
+        out = x_TH @ torch.cat([weight_EH.t(), extra_HQ], dim=1)
         num_experts = weight_EH.shape[0]
-        projections = out[:, num_experts:].contiguous()
-        ctx.mark_non_differentiable(projections)
-        return out[:, :num_experts].contiguous(), projections
+        columns_TQ = out[:, num_experts:].contiguous()
+        ctx.mark_non_differentiable(columns_TQ)
+        return out[:, :num_experts].contiguous(), columns_TQ
 
     @staticmethod
-    def backward(ctx, grad_logits_TE, grad_projections):
+    def backward(ctx, grad_logits_TE, grad_columns):
         x_TH, weight_EH = ctx.saved_tensors
         grad_x = grad_logits_TE @ weight_EH if ctx.needs_input_grad[0] else None
         grad_w = grad_logits_TE.t() @ x_TH if ctx.needs_input_grad[1] else None
@@ -89,7 +92,7 @@ class TopKRouter(nn.Module):
                  params_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         if not 1 <= topk <= num_experts:
-            raise ConfigError(f"moe_router_topk ({topk}) must be between 1 and num_experts "
+            raise ConfigError(f"--moe-router-topk ({topk}) must be between 1 and --num-experts "
                               f"({num_experts})")
         self.num_experts, self.topk = num_experts, topk
         self.capacity_factor = capacity_factor
@@ -115,19 +118,19 @@ class TopKRouter(nn.Module):
             return None
         return math.ceil(num_tokens * self.topk / self.num_experts * self.capacity_factor)
 
-    def forward(self, x_TH: torch.Tensor, extra_HX: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_TH: torch.Tensor, extra_HQ: Optional[torch.Tensor] = None) -> Routing:
         """Route ``x_TH``; see the module docstring for gates, capacity and losses.
 
-        ``extra_HX``: more columns to multiply the tokens by in the same matmul (the LSH
-        rotations); the result comes back as ``Routing.projections_TX``.
+        ``extra_HQ``: more columns to multiply the tokens by in the same matmul; the result
+        comes back as ``Routing.columns_TQ``.
         """
         compute_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-        projections_TX = None
-        if extra_HX is None:
+        columns_TQ = None
+        if extra_HQ is None:
             logits_TE = x_TH.to(compute_dtype) @ self.weight.to(compute_dtype).t()
         else:
-            logits_TE, projections_TX = _LogitsAndProjections.apply(
-                x_TH.to(compute_dtype), self.weight.to(compute_dtype), extra_HX.to(compute_dtype))
+            logits_TE, columns_TQ = _LogitsAndColumns.apply(
+                x_TH.to(compute_dtype), self.weight.to(compute_dtype), extra_HQ.to(compute_dtype))
         num_tokens = logits_TE.shape[0]
         scores_TE = torch.softmax(logits_TE, dim=-1)
         top_p_TK, experts_TK = torch.topk(scores_TE, self.topk, dim=-1)
@@ -148,7 +151,7 @@ class TopKRouter(nn.Module):
                 best = torch.topk(gate_TE, cap, dim=0).indices
                 keep_TE = torch.zeros_like(chosen_TE).scatter_(0, best, True) & chosen_TE
                 kept_TK = keep_TE.gather(1, experts_TK)
-        return Routing(gates_TK, experts_TK, kept_TK, aux_loss, z_loss, projections_TX)
+        return Routing(gates_TK, experts_TK, kept_TK, aux_loss, z_loss, columns_TQ)
 
     def _losses(self, logits_TE, scores_TE, chosen_TE, num_tokens):
         # Connected to the graph even when zero, so every rank's backward looks the same.

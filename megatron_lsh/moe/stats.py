@@ -1,9 +1,10 @@
 """Per-layer, per-iteration statistics of the MoE dispatch, and the optional stage timer.
 
 :class:`MoEStats` holds plain Python numbers taken from host-side values the dispatch needs
-anyway (split sizes), so collecting them costs no device synchronisation. The one exception,
-the mean cosine similarity of rows to their centroids, is kept as a 0-dim tensor and turned
-into a float only when read (``stats.mean_cosine``), so the sync happens in the logger.
+anyway (split sizes), so collecting them costs no device synchronisation. The compressor adds
+its own statistics in ``extra`` (e.g. LSH's mean cosine of rows to their centroids), kept as
+0-dim tensors and turned into floats only when read (``as_dict``, ``mean_cosine``), so the
+sync happens in the logger.
 
 Bytes are counted per rank and per forward, in two flavours:
 
@@ -13,11 +14,16 @@ Bytes are counted per rank and per forward, in two flavours:
 Forward = split-size exchange (int64 counts) + dispatch all-to-all (payload rows) + combine
 all-to-all (expert outputs going back). Backward = the two gradient all-to-alls, which move
 exactly the same rows in the opposite directions (no split exchange: the splits are reused).
-With LSH the payload rows are centroids; with ``cast`` rows are counted at their wire size.
+The payload rows are whatever the compressor sends (LSH: centroids); with a wire codec
+(``cast``) rows are counted at their wire size.
 
-Stage "hash" is the codes from the projections ``x @ R_all``; the projections themselves are
-extra columns of the router's matmul (a few more outputs of a pass over the tokens the router
-makes anyway), so they are counted in neither stage.
+Stage names: the dispatcher times ``permute``, ``a2a``, ``experts`` and ``unpermute`` (and
+``a2a_bwd``, ``experts_bwd`` in the backward); a compressor adds its own and lists those that
+are its overhead in ``overhead_stages`` (copied here per forward). Columns a compressor asks
+the router to compute (``router_columns``) are part of the router's matmul: the layer times
+the router as ``route`` and charges the extra columns' share of its matmul
+(``Q / (E + Q)`` of the ``route`` time, the share of the multiply-adds) to ``project``,
+which such a compressor counts as overhead.
 
 Timing (``StageTimer``, off by default) records forward stage times with ``perf_counter``
 (and the calling thread's CPU time, which on an oversubscribed machine measures what a stage
@@ -33,9 +39,6 @@ from typing import Optional
 
 import torch
 
-FORWARD_STAGES = ("permute", "hash", "cluster", "a2a", "experts", "restore", "unpermute")
-BACKWARD_STAGES = ("compress_bwd", "a2a_bwd", "experts_bwd", "restore_bwd")
-OVERHEAD_STAGES = ("hash", "cluster", "restore", "compress_bwd", "restore_bwd")
 
 
 @dataclass
@@ -48,40 +51,48 @@ class MoEStats:
     """(token, expert) rows kept by the router."""
     dropped_rows: int = 0
     """Rows dropped by the capacity factor."""
-    centroids: int = 0
-    """Rows actually sent (equal to ``rows`` without LSH)."""
+    sent_rows: int = 0
+    """Payload rows actually sent (equal to ``rows`` for ``none``; LSH: centroids)."""
     compression_rate: float = 1.0
-    """centroids / rows (the paper's 'compression rate': lower is more compression)."""
+    """sent_rows / rows (the paper's 'compression rate': lower is more compression)."""
     bytes_fwd: int = 0
     bytes_bwd: int = 0
+    tp_bytes: int = 0
+    """Of ``bytes_fwd`` (and of ``bytes_bwd``): the TP all-gather of a TP-shared payload."""
     bytes_fwd_total: int = 0
     bytes_bwd_total: int = 0
     ms: dict = field(default_factory=dict)
-    """Wall-clock ms per stage (forward: FORWARD_STAGES; backward: BACKWARD_STAGES); timing only."""
+    """Wall-clock ms per stage (forward and ``*_bwd`` backward stages); timing only."""
     cpu_ms: dict = field(default_factory=dict)
     """The same in CPU time of the calling thread (what the stage cost, without preemption)."""
-    _cosine: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+    """The compressor's own statistics (name -> number or 0-dim tensor)."""
+    overhead_stages: tuple = ()
+    """The compressor's stage names that count as its overhead."""
 
     @property
     def mean_cosine(self) -> float:
-        """Mean cosine of rows to their centroids (1.0 without LSH); reading it syncs."""
-        return 1.0 if self._cosine is None else float(self._cosine)
+        """Mean cosine of rows to what was sent for them (1.0 when exact); reading it syncs."""
+        value = self.extra.get("mean_cosine")
+        return 1.0 if value is None else float(value)
 
     @property
     def overhead_ms(self) -> float:
-        """Time spent in LSH bookkeeping: hashing, clustering and restore, forward + backward."""
-        return sum(self.ms.get(k, 0.0) for k in OVERHEAD_STAGES)
+        """Time spent in the compressor's own work, forward + backward."""
+        return sum(self.ms.get(k, 0.0) for k in self.overhead_stages)
 
     @property
     def overhead_cpu_ms(self) -> float:
         """``overhead_ms`` in CPU time of the calling thread."""
-        return sum(self.cpu_ms.get(k, 0.0) for k in OVERHEAD_STAGES)
+        return sum(self.cpu_ms.get(k, 0.0) for k in self.overhead_stages)
 
     def as_dict(self) -> dict:
-        """Plain numbers for logs (reads the cosine)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        """Plain numbers for logs (reads the compressor's statistics)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("extra", "overhead_stages")}
         out["ms"], out["cpu_ms"] = dict(self.ms), dict(self.cpu_ms)
         out["mean_cosine"] = self.mean_cosine
+        out.update({k: float(v) for k, v in self.extra.items()})
         return out
 
 
@@ -112,27 +123,28 @@ class StageTimer:
         self._t = 0.0
         self._bwd_open: dict = {}
 
-    def _now(self) -> tuple[float, float]:
+    def charge(self, stats: "MoEStats", stage: str, start, end, share: float = 1.0) -> None:
+        """Charge ``share`` of the interval ``start..end`` (from :meth:`now`) to ``stage``."""
+        stats.ms[stage] = stats.ms.get(stage, 0.0) + share * 1e3 * (end[0] - start[0])
+        stats.cpu_ms[stage] = stats.cpu_ms.get(stage, 0.0) + share * 1e3 * (end[1] - start[1])
+
+    def now(self) -> tuple[float, float]:
+        """(wall, thread CPU) seconds now, after a device sync on CUDA."""
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter(), time.thread_time()
-
-    @staticmethod
-    def _charge(stats: MoEStats, stage: str, start, end) -> None:
-        stats.ms[stage] = stats.ms.get(stage, 0.0) + 1e3 * (end[0] - start[0])
-        stats.cpu_ms[stage] = stats.cpu_ms.get(stage, 0.0) + 1e3 * (end[1] - start[1])
 
     def start(self, stats: MoEStats) -> None:
         """Begin timing a forward that fills ``stats``."""
         self.stats = stats
         if self.enabled:
-            self._t = self._now()
+            self._t = self.now()
 
     def lap(self, stage: str) -> None:
         """Charge the time since the previous lap to forward ``stage``."""
         if self.enabled:
-            now = self._now()
-            self._charge(self.stats, stage, self._t, now)
+            now = self.now()
+            self.charge(self.stats, stage, self._t, now)
             self._t = now
 
     def mark(self, x: torch.Tensor, stage: str, edge: str) -> torch.Tensor:
@@ -148,9 +160,9 @@ class StageTimer:
     def stamp_backward(self, name) -> None:
         """Called by a backward marker: open or close the backward interval of a stage."""
         stats, stage, edge = name
-        now = self._now()
+        now = self.now()
         key = (id(stats), stage)
         if edge == "out":
             self._bwd_open[key] = now
         elif key in self._bwd_open:
-            self._charge(stats, stage, self._bwd_open.pop(key), now)
+            self.charge(stats, stage, self._bwd_open.pop(key), now)

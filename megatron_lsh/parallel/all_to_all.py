@@ -14,7 +14,7 @@
 A group that is ``None`` (or of size 1) makes every function here the identity (apart from the
 codec round trip, which is kept so numerics do not depend on the number of ranks).
 
-Legend: N rows sent, M rows received, T tokens, H hidden (or any trailing shape).
+Legend: P rows sent, M rows received, T tokens, H hidden (or any trailing shape).
 """
 from __future__ import annotations
 
@@ -37,21 +37,21 @@ def group_rank(group: Optional[dist.ProcessGroup]) -> int:
 class WireCodec(Protocol):
     """How rows are encoded for the wire; applied to activations and to their gradients."""
 
-    def encode(self, x_NH: torch.Tensor) -> torch.Tensor:
-        """Rows -> wire tensor with the same first dimension N (any dtype gloo/NCCL can send)."""
+    def encode(self, x_PH: torch.Tensor) -> torch.Tensor:
+        """Rows -> wire tensor with the same first dimension P (any dtype gloo/NCCL can send)."""
 
-    def decode(self, wire_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, wire_P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Wire tensor -> rows of ``dtype``."""
 
     def row_bytes(self, hidden: int, dtype: torch.dtype) -> int:
         """Bytes one encoded row of width ``hidden`` takes on the wire."""
 
 
-def _exchange(x_NH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+def _exchange(x_PH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
               group: Optional[dist.ProcessGroup], codec: Optional[WireCodec]) -> torch.Tensor:
     """One all-to-all of (encoded) rows; no autograd."""
-    dtype = x_NH.dtype
-    wire = codec.encode(x_NH) if codec is not None else x_NH
+    dtype = x_PH.dtype
+    wire = codec.encode(x_PH) if codec is not None else x_PH
     if group_size(group) > 1:
         wire = wire.contiguous()
         out = wire.new_empty((int(sum(output_splits)),) + tuple(wire.shape[1:]))
@@ -65,31 +65,31 @@ class _AllToAll(torch.autograd.Function):
     """Variable all-to-all; the backward sends gradients back along the same routes."""
 
     @staticmethod
-    def forward(ctx, x_NH, output_splits, input_splits, group, codec):
+    def forward(ctx, x_PH, output_splits, input_splits, group, codec):
         ctx.splits = (list(output_splits), list(input_splits))
         ctx.group, ctx.codec = group, codec
-        return _exchange(x_NH, output_splits, input_splits, group, codec)
+        return _exchange(x_PH, output_splits, input_splits, group, codec)
 
     @staticmethod
     def backward(ctx, grad_MH):
         output_splits, input_splits = ctx.splits
         # Swapped: what this rank received in the forward it now sends back as gradient.
-        grad_NH = _exchange(grad_MH.contiguous(), input_splits, output_splits, ctx.group,
+        grad_PH = _exchange(grad_MH.contiguous(), input_splits, output_splits, ctx.group,
                             ctx.codec)
-        return grad_NH, None, None, None, None
+        return grad_PH, None, None, None, None
 
 
-def all_to_all(x_NH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+def all_to_all(x_PH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
                group: Optional[dist.ProcessGroup], codec: Optional[WireCodec] = None
                ) -> torch.Tensor:
-    """Send ``input_splits[r]`` consecutive rows of ``x_NH`` to rank r; receive ``output_splits``.
+    """Send ``input_splits[r]`` consecutive rows of ``x_PH`` to rank r; receive ``output_splits``.
 
     Differentiable (backward = the reverse exchange). Without a group and codec it returns
-    ``x_NH`` itself.
+    ``x_PH`` itself.
     """
     if group_size(group) == 1 and codec is None:
-        return x_NH
-    return _AllToAll.apply(x_NH, list(output_splits), list(input_splits), group, codec)
+        return x_PH
+    return _AllToAll.apply(x_PH, list(output_splits), list(input_splits), group, codec)
 
 
 def exchange_counts(send_counts_RK: torch.Tensor,
@@ -178,3 +178,80 @@ def gather_from_tp(x_share: torch.Tensor, num_tokens: int,
     if size == 1:
         return x_share
     return _GatherFromTP.apply(x_share, group, group_rank(group), tp_share_sizes(num_tokens, size))
+
+
+def tp_row_shares(counts_E: Sequence[int], tp_size: int
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split rows grouped in consecutive blocks of ``counts_E`` among ``tp_size`` ranks.
+
+    Rank t gets, of every block e, the rows ``[c_e * t // tp, c_e * (t + 1) // tp)`` of that
+    block, so each block (an expert's payload) is shared as evenly as possible and every rank
+    keeps block order. Returns the row indices of each rank (int64) and each rank's rows per
+    block (``[E]``).
+    """
+    counts = torch.tensor(list(counts_E), dtype=torch.int64)
+    offsets = torch.cumsum(counts, 0) - counts
+    shares, share_counts = [], []
+    for t in range(tp_size):
+        starts = offsets + counts * t // tp_size
+        lengths = offsets + counts * (t + 1) // tp_size - starts
+        total = int(lengths.sum())
+        within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                               lengths)
+        shares.append(torch.repeat_interleave(starts, lengths) + within)
+        share_counts.append(lengths)
+    return shares, share_counts
+
+
+class _SplitRowsToTP(torch.autograd.Function):
+    """Forward: this rank's rows (by index) of a tensor replicated over TP. Backward: the
+    shares' gradients all-gathered and put back in place (each row is in exactly one share)."""
+
+    @staticmethod
+    def forward(ctx, x_PH, group, rank, shares):
+        ctx.group, ctx.shares, ctx.total = group, shares, x_PH.shape[0]
+        return x_PH.index_select(0, shares[rank].to(x_PH.device))
+
+    @staticmethod
+    def backward(ctx, grad_share):
+        sizes = [int(s.numel()) for s in ctx.shares]
+        gathered = _all_gather_rows(grad_share.contiguous(), sizes, ctx.group)
+        order = torch.cat(ctx.shares).to(gathered.device)
+        full = gathered.new_empty((ctx.total,) + tuple(gathered.shape[1:]))
+        full[order] = gathered
+        return full, None, None, None
+
+
+class _GatherRowsFromTP(torch.autograd.Function):
+    """Forward: all-gather the TP shares and put every row back in place. Backward: keep this
+    rank's rows of the (replicated, identical) gradient."""
+
+    @staticmethod
+    def forward(ctx, x_share, group, rank, shares):
+        ctx.rank, ctx.shares = rank, shares
+        sizes = [int(s.numel()) for s in shares]
+        gathered = _all_gather_rows(x_share.contiguous(), sizes, group)
+        order = torch.cat(shares).to(gathered.device)
+        full = gathered.new_empty((sum(sizes),) + tuple(gathered.shape[1:]))
+        full[order] = gathered
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_PH):
+        return grad_PH.index_select(0, ctx.shares[ctx.rank].to(grad_PH.device)), None, None, None
+
+
+def split_rows_to_tp(x_PH: torch.Tensor, shares: list, group: Optional[dist.ProcessGroup]
+                     ) -> torch.Tensor:
+    """This TP rank's rows ``shares[rank]`` of ``x_PH``, replicated over ``group``."""
+    if group_size(group) == 1:
+        return x_PH
+    return _SplitRowsToTP.apply(x_PH, group, group_rank(group), shares)
+
+
+def gather_rows_from_tp(x_share: torch.Tensor, shares: list,
+                        group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Every rank's share put back into the full (replicated) rows; inverse of the split."""
+    if group_size(group) == 1:
+        return x_share
+    return _GatherRowsFromTP.apply(x_share, group, group_rank(group), shares)

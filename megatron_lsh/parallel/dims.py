@@ -149,6 +149,15 @@ class ProcessGroups:
     embedding: Optional[dist.ProcessGroup]
     pp_ranks: list
     embedding_ranks: list
+    ep_ranks: list = None
+    """Global ranks of this rank's expert-parallel group, in EP-rank order."""
+    ranks_per_node: int = 1
+    """Processes per node (torchrun's LOCAL_WORLD_SIZE): ranks r and s share a node when
+    r // ranks_per_node == s // ranks_per_node."""
+
+    def same_node(self, global_rank: int) -> bool:
+        """Whether ``global_rank`` runs on this rank's node."""
+        return global_rank // self.ranks_per_node == self.rank // self.ranks_per_node
 
     @property
     def tp_size(self) -> int:
@@ -201,11 +210,15 @@ class ProcessGroups:
     @classmethod
     def single(cls) -> "ProcessGroups":
         """Groups of a one-process run (no torch.distributed needed)."""
-        return cls(ParallelDims(1), 0, None, None, None, None, None, None, None, [0], [0])
+        return cls(ParallelDims(1), 0, None, None, None, None, None, None, None, [0], [0], [0], 1)
 
     @classmethod
-    def build(cls, dims: ParallelDims, rank: Optional[int] = None) -> "ProcessGroups":
-        """Create every group of ``dims``; all ranks must call this together, once."""
+    def build(cls, dims: ParallelDims, rank: Optional[int] = None,
+              ranks_per_node: Optional[int] = None) -> "ProcessGroups":
+        """Create every group of ``dims``; all ranks must call this together, once.
+
+        ``ranks_per_node``: processes per node; torchrun's ``LOCAL_WORLD_SIZE`` when None.
+        """
         if not dist.is_initialized():
             _require(dims.world_size == 1,
                      f"torch.distributed is not initialised but the layout needs "
@@ -229,12 +242,15 @@ class ProcessGroups:
         tp, _ = mine(dims.tp_groups())
         pp, pp_ranks = mine(dims.pp_groups())
         dp, _ = mine(dims.dp_groups())
-        ep, _ = mine(dims.ep_groups())
+        ep, ep_ranks = mine(dims.ep_groups())
         expert_dp, _ = mine(dims.expert_dp_groups())
         model_parallel, _ = mine(dims.model_parallel_groups())
         embedding, embedding_ranks = mine(dims.embedding_groups())
+        if ranks_per_node is None:
+            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dims.world_size))
+        _require(ranks_per_node >= 1, f"ranks per node must be positive, got {ranks_per_node}")
         return cls(dims, rank, tp, pp, dp, ep, expert_dp, model_parallel, embedding,
-                   pp_ranks, embedding_ranks)
+                   pp_ranks, embedding_ranks, list(ep_ranks), ranks_per_node)
 
 
 def default_backend() -> str:

@@ -1,10 +1,11 @@
-"""Mixed-precision AdamW: fp32 master weights, loss scaling, clipping; the optimizer factory.
+"""Mixed-precision AdamW: fp32 master weights, loss scaling, clipping.
 
 :class:`MixedPrecisionOptimizer` wraps AdamW (apex ``FusedAdam`` on CUDA when importable, else
 ``torch.optim.AdamW``). For bf16 / fp16 models it keeps an fp32 master copy of every parameter,
 steps the master copies with fp32 gradients and copies them back into the half parameters. For
 fp32 models the master *is* the parameter. :class:`~megatron_lsh.parallel.distributed_optimizer.
-DistributedOptimizer` (ZeRO-1) shares the step logic and shards masters and state over DP.
+DistributedOptimizer` (ZeRO-1) shares the step logic and shards masters and state over DP;
+:func:`~megatron_lsh.parallel.optimizer_factory.build_optimizer` picks one of the two for a run.
 
 One step (:meth:`MixedPrecisionOptimizer.step`), numbered as it happens:
 
@@ -36,7 +37,7 @@ from megatron_lsh.config import OptimizerConfig
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.grad_norm import clip_grads_by_norm, get_grad_norm
-from megatron_lsh.parallel.loss_scaler import ConstantLossScaler, DynamicLossScaler, LossScaler
+from megatron_lsh.parallel.loss_scaler import ConstantLossScaler, LossScaler
 
 try:  # apex is optional; its FusedAdam is used on CUDA when present
     from apex.optimizers import FusedAdam as _ApexFusedAdam
@@ -275,33 +276,3 @@ class MixedPrecisionOptimizer:
                 main.copy_(saved)
             self._copy_main_to_model()
 
-
-def build_loss_scaler(config: OptimizerConfig) -> LossScaler:
-    """Dynamic scaling for fp16 (the config's initial scale, window, hysteresis), else 1."""
-    if config.fp16:
-        return DynamicLossScaler(config.initial_loss_scale, config.min_loss_scale,
-                                 growth_interval=config.loss_scale_window,
-                                 hysteresis=config.hysteresis)
-    return ConstantLossScaler()
-
-
-def build_optimizer(model_chunks: Union[nn.Module, Sequence[nn.Module]],
-                    opt_config: OptimizerConfig, groups: ProcessGroups,
-                    use_distributed_optimizer: bool = False) -> MixedPrecisionOptimizer:
-    """The optimizer for a run: ZeRO-1 or replicated, with the loss scaler the precision needs.
-
-    With ``use_distributed_optimizer`` every chunk must be a :class:`DistributedDataParallel`
-    built with ``use_distributed_optimizer=True`` (it owns the sharded buffer layout).
-    """
-    chunks = [model_chunks] if isinstance(model_chunks, nn.Module) else list(model_chunks)
-    ddp_flags = {c.use_distributed_optimizer for c in chunks
-                 if isinstance(c, DistributedDataParallel)}
-    scaler = build_loss_scaler(opt_config)
-    if use_distributed_optimizer:
-        from megatron_lsh.parallel.distributed_optimizer import DistributedOptimizer
-        return DistributedOptimizer(chunks, opt_config, groups, scaler)
-    if True in ddp_flags:
-        raise ValueError("the model was wrapped for the distributed optimizer "
-                         "(use_distributed_optimizer=True) but build_optimizer was asked for "
-                         "the replicated one")
-    return MixedPrecisionOptimizer(chunks, opt_config, groups, scaler)

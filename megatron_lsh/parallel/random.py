@@ -24,10 +24,17 @@ restore the tracker's streams as they were when the region first ran. That was c
 Megatron's reentrant custom autograd Function because the non-reentrant implementation also
 supports keyword arguments, regions whose inputs do not require grad, ``torch.autograd.grad``
 and early-stopped recomputation, and we would only have added the tracker states to it.
+
+Initialisation seeds (:class:`SeedPart`, :func:`layer_seed`, :func:`mix_seed`, :func:`seeded`)
+live here too, in one place, because every layer must derive them the same way: parameters
+are drawn from seeds computed from the run's ``--seed`` and *what* is being built (layer
+number, part), never from generator state left by earlier builds, so a model starts with the
+same weights whichever pipeline stage, TP or EP rank builds which piece.
 """
 from __future__ import annotations
 
 import contextlib
+import enum
 import random as py_random
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -42,6 +49,66 @@ MODEL_PARALLEL_RNG = "model-parallel-rng"
 
 _TP_SEED_OFFSET = 2718  # Megatron's offsets, so seeds mean the same as in Megatron runs.
 _PP_SEED_STRIDE = 100
+
+
+class SeedPart(enum.IntEnum):
+    """The parts of a model that draw their initial weights from seeds of their own.
+
+    Two derivations from the run's seed ``s`` use these numbers:
+
+    - per-layer parts, ``layer_seed(s, n, part)`` for layer ``n`` (0 for parts of no layer):
+      ``LAYER`` (a transformer layer's norms, attention and dense MLP), ``MOE`` (its MoE FFN,
+      which derives router / expert seeds from this one with :func:`mix_seed`),
+      ``FINAL_LAYERNORM`` (the norm closing a stack, layer 0) and ``MLM_HEAD`` (RoBERTa's
+      dense + LayerNorm head, layer 0);
+    - model-level parts, ``s + part``: ``EMBEDDING`` (the word embedding, its position
+      embedding uses ``s + EMBEDDING + 1``; every tied copy of it, e.g. the output layer of a
+      later pipeline stage, uses the same seed so the copies start equal) and ``OUTPUT`` (an
+      output layer that is not tied to the embedding).
+
+    The values are fixed: changing one changes every initial weight it seeds.
+    """
+
+    LAYER = 0
+    MOE = 1
+    FINAL_LAYERNORM = 7
+    EMBEDDING = 17
+    OUTPUT = 29
+    MLM_HEAD = 31
+
+
+def layer_seed(seed: int, layer_number: int, part: int = SeedPart.LAYER) -> int:
+    """A per-layer initialisation seed, independent of which stage builds the layer."""
+    return (seed * 1_000_003 + layer_number * 101 + int(part)) % (2 ** 63)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, no Python hash randomisation)."""
+    value = 0x2545F4914F6CDD1D
+    for part in parts:
+        value = (value * 0x9E3779B97F4A7C15 + int(part) + 0x632BE59BD9B4E019) % (2 ** 64)
+        value ^= value >> 29
+    return value % (2 ** 63)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the global CPU generator seeded, restoring the previous state after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic, no Python hash randomisation)."""
+    value = 0x2545F4914F6CDD1D
+    for part in parts:
+        value = (value * 0x9E3779B97F4A7C15 + int(part) + 0x632BE59BD9B4E019) % (2 ** 64)
+        value ^= value >> 29
+    return value % (2 ** 63)
 
 
 class RNGStatesTracker:

@@ -4,7 +4,8 @@ Every rank of a data-parallel replica (all its TP ranks and pipeline stages) rea
 micro-batches; the sampler hands DP rank ``r`` its slice of each global batch, starting at
 the consumed-sample count, so a resumed run draws exactly the batches an uninterrupted one
 would have drawn. Validation always reads the same first ``eval_iters`` global batches, so
-validation losses are comparable across a run and across runs.
+validation losses are comparable across a run and across runs. The dataset class and its
+extra arguments come from the run's :class:`~megatron_lsh.training.tasks.Task`.
 """
 from __future__ import annotations
 
@@ -49,12 +50,12 @@ class RunData:
         num_samples = (tr.train_iters * global_batch_size,
                        max(tr.eval_iters, 1) * global_batch_size, 0)
         self.train, self.valid, _ = build_train_valid_test_datasets(
-            task.dataset_kind, seq_length=config.model.seq_length, seed=tr.seed,
+            task.dataset_class, seq_length=config.model.seq_length, seed=tr.seed,
             num_samples=num_samples, data_path=d.data_path or None, split=d.split,
             train_data_path=d.train_data_path or None, valid_data_path=d.valid_data_path or None,
             test_data_path=d.test_data_path or None,
             special=special, cache_dir=config.data.data_cache_path, log=log,
-            **task.dataset_kwargs(config.model, config.data.mask_prob))
+            **task.dataset_kwargs(config))
         if self.train is None:
             raise ConfigError(f"the split {d.split!r} leaves no training documents in "
                               f"{d.data_path}")

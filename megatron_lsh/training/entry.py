@@ -1,7 +1,7 @@
 """Shared body of the ``pretrain_*_moe.py`` entry points: recipe defaults, flags, run.
 
 ``--model-recipe NAME`` (see ``python -m megatron_lsh.models.recipes --list``) supplies the
-model shape and MoE layout as defaults; any explicit flag overrides them.
+whole model and MoE config as the base; any explicit flag overrides a field of it.
 """
 from __future__ import annotations
 
@@ -10,25 +10,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from megatron_lsh.config import ConfigError, ModelConfig, MoEConfig
-
-# Recipe fields that become flag defaults (the flags' dest names).
-_MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "seq_length", "max_position_embeddings", "decoder_num_layers",
-                 "decoder_seq_length", "vocab_size", "hidden_dropout", "attention_dropout")
-_MOE_FIELDS = {"num_experts": "num_experts", "moe_layer_freq": "moe_layer_freq",
-               "router_topk": "moe_router_topk"}
+from megatron_lsh.config import ConfigError
 
 
-def recipe_defaults(name: str) -> dict:
-    """Flag defaults (dest-keyed) taken from a model recipe."""
+def recipe_base(name: str) -> dict:
+    """Base section configs (``model``, ``moe``) of a model recipe, for the flags to override."""
     from megatron_lsh.models.recipes import get_recipe
     recipe = get_recipe(name)
-    model: ModelConfig = recipe.model()
-    moe: MoEConfig = recipe.moe()
-    out = {f: getattr(model, f) for f in _MODEL_FIELDS}
-    out.update({dest: getattr(moe, f) for f, dest in _MOE_FIELDS.items()})
-    return out
+    return {"model": recipe.model(), "moe": recipe.moe()}
 
 
 def _recipe_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,11 +37,11 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
     _recipe_flag(pre)
     known, _ = pre.parse_known_args(argv)
     try:
-        defaults = recipe_defaults(known.model_recipe or default_recipe)
+        base = recipe_base(known.model_recipe or default_recipe)
     except KeyError as error:
         print(f"error: {error.args[0]}", file=sys.stderr)
         return 2
-    config, _ = parse_args_with_namespace(argv, defaults, extra_args_provider=_recipe_flag)
+    config, _ = parse_args_with_namespace(argv, base, extra_args_provider=_recipe_flag)
     from megatron_lsh.data.errors import DataError
     from megatron_lsh.tokenizer import TokenizerError
     from megatron_lsh.training.checkpointing import CheckpointError

@@ -57,6 +57,8 @@ class IterationMetrics:
     aux_loss and any other numeric stats (rows, centroids, cos, timings)."""
     tokens_per_s: Optional[float] = None
     """Throughput, when the caller measured it; otherwise computed from ``tokens``."""
+    timers: Optional[Mapping[str, float]] = None
+    """Stage times of the step in ms (``--timing-log-level`` >= 1), or None."""
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any],
@@ -73,7 +75,7 @@ class IterationMetrics:
                    loss_scale=record.get("loss_scale", 1.0), grad_norm=record.get("grad_norm"),
                    skipped=bool(record.get("skipped", False)), ms_per_iter=record["ms_per_iter"],
                    tokens=record.get("tokens", 0), moe=record.get("moe", []),
-                   tokens_per_s=record.get("tokens_per_s"))
+                   tokens_per_s=record.get("tokens_per_s"), timers=record.get("timers"))
 
 
 def _number(value: Any) -> Any:
@@ -127,6 +129,8 @@ def metrics_record(m: IterationMetrics) -> dict:
     others = {_snake(k): v for k, v in losses.items() if k != "lm loss"}
     if others:
         record["losses"] = others
+    if m.timers is not None:
+        record["timers"] = {str(k): float(_number(v)) for k, v in m.timers.items()}
     return record
 
 
@@ -209,6 +213,12 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
     return line
 
 
+def format_timers_line(timers: Mapping[str, float]) -> str:
+    """The stage timers of the interval (ms per iteration, mean over ranks), one line."""
+    parts = [f"{name.replace('_', '-')}: {value:.1f}" for name, value in timers.items()]
+    return " time per iteration (ms, mean over ranks) | " + " | ".join(parts) + " |"
+
+
 def format_validation_box(iteration: int, losses: Mapping[str, float],
                           prefix: str = "validation loss at") -> str:
     """Megatron's boxed validation report (three lines); PPL is ``exp(min(20, loss))``."""
@@ -243,6 +253,7 @@ class TrainingLogger:
         self._losses: dict[str, float] = {}
         self._moe_iters = 0
         self._rate = self._bytes_fwd = self._bytes_bwd = 0.0
+        self._timers: dict[str, float] = {}
 
     def log_iteration(self, m: IterationMetrics | Mapping[str, Any]) -> Optional[str]:
         """Record one iteration; returns the printed line on log-interval iterations.
@@ -270,6 +281,9 @@ class TrainingLogger:
             self._rate / self._moe_iters if moe else None,
             self._bytes_fwd / self._moe_iters if moe else None,
             self._bytes_bwd / self._moe_iters if moe else None)
+        if self._timers:
+            line += "\n" + format_timers_line({k: v / self._count
+                                               for k, v in self._timers.items()})
         self._reset_interval()
         self.print_fn(line)
         return line
@@ -277,6 +291,8 @@ class TrainingLogger:
     def _accumulate(self, m: IterationMetrics, record: dict) -> None:
         self._count += 1
         self._ms += float(m.ms_per_iter)
+        for key, value in (record.get("timers") or {}).items():
+            self._timers[key] = self._timers.get(key, 0.0) + value
         if m.skipped:
             self._skipped += 1
         else:

@@ -1,4 +1,8 @@
-"""The pretraining loop shared by GPT-MoE, RoBERTa-MoE and T5-MoE.
+"""The pretraining loop shared by GPT-MoE, RoBERTa-MoE and T5-MoE (and any other task).
+
+Everything that depends on the model kind (model class, batch -> model inputs, loss and its
+name, datasets, layer counts, tokens per sample) comes from the run's
+:class:`~megatron_lsh.training.tasks.Task`; the loop never asks which kind it trains.
 
 :class:`Trainer` has named steps, read top to bottom:
 
@@ -21,13 +25,12 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lsh.config import ConfigError, MegatronLSHConfig
-from megatron_lsh.models import build_model
+from megatron_lsh.config import MegatronLSHConfig
 from megatron_lsh.models.transformer import TransformerLayer, is_moe_layer
 from megatron_lsh.parallel import random as mp_random
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups, init_distributed
-from megatron_lsh.parallel.optimizer import build_optimizer
+from megatron_lsh.parallel.optimizer_factory import build_optimizer
 from megatron_lsh.parallel.p2p import PipelineP2P
 from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embedding_grads,
                                             forward_backward, sync_tied_embedding_weights)
@@ -36,9 +39,21 @@ from megatron_lsh.training.data import build_data, build_run_tokenizer
 from megatron_lsh.training.logger import TrainingLogger
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
-from megatron_lsh.training.tasks import TASKS, Task
+from megatron_lsh.training.tasks import Task, get_task
 
-MOE_STAT_FIELDS = ("rows", "centroids", "bytes_fwd", "bytes_bwd", "aux_loss", "present")
+MOE_STAT_FIELDS = ("rows", "sent_rows", "bytes_fwd", "bytes_bwd", "aux_loss", "present",
+                   "mean_cosine", "residual_energy", "lossy")
+"""Summed per MoE layer over micro-batches and ranks; the last three: the distortion of what
+a lossy compressor sent (its ``mean_cosine`` / ``residual_energy`` statistics) and how many
+forwards reported them."""
+STEP_TIMERS = ("forward_backward", "grad_sync", "optimizer", "moe_a2a", "moe_experts",
+               "moe_compression")
+"""Per-iteration stage timers (``--timing-log-level`` >= 1), ms, mean over ranks:
+forward-backward of all micro-batches; the wait for the gradient all-reduce after it (the part
+not hidden behind the backward) plus the tied-embedding all-reduce; the optimizer step (incl.
+the grad-norm all-reduce); and, inside forward-backward, the MoE all-to-alls (forward and
+backward, split-size exchange included), the local experts, and the compressor's own work
+(hash, cluster, restore; forward and backward)."""
 
 
 class TrainingError(RuntimeError):
@@ -53,14 +68,12 @@ def _world_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 class Trainer:
-    """Pretrains one model kind ('gpt', 'roberta', 't5') from a :class:`MegatronLSHConfig`."""
+    """Trains the task named ``kind`` (a ``TASKS`` name: 'gpt', 'roberta', 't5') from a
+    :class:`MegatronLSHConfig`."""
 
     def __init__(self, config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print):
-        if kind not in TASKS:
-            raise ConfigError(f"model kind must be one of {sorted(TASKS)}, got {kind!r}")
         self.config = config
-        self.task: Task = TASKS[kind]
-        self.kind = kind
+        self.task: Task = get_task(kind)
         self.iteration = 0
         self.consumed_samples = 0
         self._log = log
@@ -78,7 +91,7 @@ class Trainer:
                             ep=par.expert_model_parallel_size, dp=par.data_parallel_size)
         dims.check_model(cfg.model.num_layers, cfg.model.num_attention_heads,
                          cfg.moe.num_experts,
-                         cfg.model.decoder_num_layers if self.kind == "t5" else None)
+                         self.task.decoder_num_layers(cfg.model))
         gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dims.dp
         self.global_batch_size = gbs
         self.num_microbatches = dims.check_batch(gbs, cfg.training.micro_batch_size)
@@ -90,12 +103,16 @@ class Trainer:
         if self.tokenizer is not None and self.tokenizer.vocab_size != cfg.model.vocab_size:
             self.log(f"> vocabulary size from the tokenizer: {self.tokenizer.vocab_size}")
             cfg.model.vocab_size = self.tokenizer.vocab_size
-        model = build_model(self.kind, cfg.model, cfg.moe, self.groups, seed=cfg.training.seed,
-                            sequence_parallel=par.sequence_parallel, device=self.device)
+        model = self.task.build_model(cfg.model, cfg.moe, self.groups, seed=cfg.training.seed,
+                                      sequence_parallel=par.sequence_parallel, device=self.device)
         if cfg.optimizer.bf16 or cfg.optimizer.fp16:
             model = model.to(torch.bfloat16 if cfg.optimizer.bf16 else torch.float16)
         self.model = model
         self.moe_layers = self._moe_layers()
+        self.timing = cfg.logging.timing_log_level > 0
+        for _, layer in self.moe_layers:
+            layer.mlp.timing = self.timing
+        self._timed_stats: list = []
         self.ddp = DistributedDataParallel(model, self.groups,
                                            bucket_size_mb=par.grad_bucket_size_mb,
                                            use_distributed_optimizer=par.use_distributed_optimizer)
@@ -134,7 +151,7 @@ class Trainer:
     def _moe_layers(self) -> list:
         """(global MoE index, TransformerLayer) for the MoE layers of this stage, in order."""
         cfg = self.config
-        total = cfg.model.num_layers + (cfg.model.decoder_num_layers if self.kind == "t5" else 0)
+        total = self.task.total_num_layers(cfg.model)
         numbers = [n for n in range(1, total + 1) if is_moe_layer(n, cfg.moe)]
         self.num_moe_layers = len(numbers)
         return [(numbers.index(m.layer_number), m) for m in self.model.modules()
@@ -152,8 +169,8 @@ class Trainer:
                 self._accumulate_moe(moe_acc)
             if not groups.is_last_stage:
                 return StageOutput(outputs=[out], loss=aux)
-            lm = task.loss(out, batch)
-            return StageOutput(loss=lm + aux, report={"lm loss": lm.detach()})
+            loss = task.loss(out, batch)
+            return StageOutput(loss=loss + aux, report={task.loss_name: loss.detach()})
         return forward_step
 
     def _accumulate_moe(self, acc: torch.Tensor) -> None:
@@ -161,8 +178,26 @@ class Trainer:
             s = layer.mlp.last_stats
             if s is None:
                 continue
-            acc[index] += torch.tensor([s.rows, s.centroids, s.bytes_fwd, s.bytes_bwd,
-                                        float(layer.last_aux_loss), 1.0], dtype=torch.float64)
+            lossy = "residual_energy" in s.extra
+            acc[index] += torch.tensor([s.rows, s.sent_rows, s.bytes_fwd, s.bytes_bwd,
+                                        float(layer.last_aux_loss), 1.0,
+                                        s.mean_cosine if lossy else 0.0,
+                                        float(s.extra["residual_energy"]) if lossy else 0.0,
+                                        float(lossy)], dtype=torch.float64)
+            if self.timing:
+                self._timed_stats.append(s)  # its backward times arrive later
+
+    def _step_timers(self, laps: dict) -> dict:
+        """The step's stage times (``STEP_TIMERS``, ms), averaged over all ranks."""
+        moe = {"moe_a2a": 0.0, "moe_experts": 0.0, "moe_compression": 0.0}
+        for s in self._timed_stats:
+            moe["moe_a2a"] += s.ms.get("a2a", 0.0) + s.ms.get("a2a_bwd", 0.0)
+            moe["moe_experts"] += s.ms.get("experts", 0.0) + s.ms.get("experts_bwd", 0.0)
+            moe["moe_compression"] += s.overhead_ms
+        self._timed_stats = []
+        values = [laps.get(k, moe.get(k, 0.0)) for k in STEP_TIMERS]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return dict(zip(STEP_TIMERS, (v / world for v in _world_sum(values, self.device))))
 
     def _next_batches(self, iterator: Iterator) -> list:
         return [{k: v.to(self.device) for k, v in next(iterator).items()}
@@ -176,56 +211,69 @@ class Trainer:
         self.optimizer.zero_grad()
         moe_acc = torch.zeros(self.num_moe_layers, len(MOE_STAT_FIELDS), dtype=torch.float64)
         batches = self._next_batches(iterator)
+        t0 = time.perf_counter()
         reports = forward_backward(self._forward_step_fn(batches, moe_acc),
                                    self.num_microbatches, self.groups, self.p2p,
                                    no_sync=self.ddp.no_sync,
                                    loss_scale=self.optimizer.get_loss_scale,
                                    schedule=self.config.parallel.pipeline_schedule)
+        t1 = time.perf_counter()
         self.ddp.finish_grad_sync()
         allreduce_tied_embedding_grads(list(self.model.parameters()), self.groups)
+        t2 = time.perf_counter()
         result = self.optimizer.step()
+        t3 = time.perf_counter()
         if result.stepped:
             self.scheduler.step()
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
-        lm_loss = self._reduce_loss(reports)
-        if not math.isfinite(lm_loss) and result.stepped:
-            raise TrainingError(f"the lm loss is {lm_loss} at iteration {self.iteration} "
-                                f"(rank {self.rank}): stopping (use --fp16 loss scaling to "
-                                f"skip such steps, or lower the learning rate)")
+        loss = self._reduce_loss(reports)
+        if not math.isfinite(loss) and result.stepped:
+            raise TrainingError(f"the {self.task.loss_name} is {loss} at iteration "
+                                f"{self.iteration} (rank {self.rank}): stopping (use --fp16 loss "
+                                f"scaling to skip such steps, or lower the learning rate)")
         elapsed = time.perf_counter() - start
         tokens = self.global_batch_size * self.task.tokens_per_sample(self.config.model)
-        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "lm_loss": lm_loss, "lr": self.scheduler.get_lr(),
-                "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
-                "skipped": not result.stepped, "ms_per_iter": elapsed * 1e3,
-                "tokens_per_s": tokens / elapsed, "moe": self._reduce_moe(moe_acc)}
+        metrics = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                   "losses": {self.task.loss_name: loss}, "lr": self.scheduler.get_lr(),
+                   "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
+                   "skipped": not result.stepped, "ms_per_iter": elapsed * 1e3,
+                   "tokens_per_s": tokens / elapsed, "moe": self._reduce_moe(moe_acc)}
+        if self.timing:
+            metrics["timers"] = self._step_timers(
+                {"forward_backward": 1e3 * (t1 - t0), "grad_sync": 1e3 * (t2 - t1),
+                 "optimizer": 1e3 * (t3 - t2)})
+        return metrics
 
     def _reduce_loss(self, reports: list) -> float:
-        """Mean lm loss over every micro-batch of every DP replica (same on every rank)."""
+        """Mean task loss over every micro-batch of every DP replica (same on every rank)."""
         counts = self.groups.is_last_stage and self.groups.tp_rank == 0
-        total = sum(float(r["lm loss"]) for r in reports) if counts else 0.0
+        total = sum(float(r[self.task.loss_name]) for r in reports) if counts else 0.0
         s, n = _world_sum([total, len(reports) if counts else 0.0], self.device)
         return s / max(n, 1.0)
 
     def _reduce_moe(self, acc: torch.Tensor) -> list:
-        """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss."""
+        """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss, and
+        (lossy compressors) the mean cosine and residual energy of rows to what was sent."""
         if self.num_moe_layers == 0:
             return []
         if dist.is_initialized():
             acc = acc.to(self.device)
             dist.all_reduce(acc)
         out = []
-        for rows, centroids, bfwd, bbwd, aux, present in acc.cpu().tolist():
-            out.append({"compression_rate": centroids / rows if rows else 1.0,
-                        "bytes_fwd": int(bfwd), "bytes_bwd": int(bbwd),
-                        "aux_loss": aux / present if present else 0.0})
+        for rows, sent, bfwd, bbwd, aux, present, cos, energy, lossy in acc.cpu().tolist():
+            layer = {"compression_rate": sent / rows if rows else 1.0,
+                     "bytes_fwd": int(bfwd), "bytes_bwd": int(bbwd),
+                     "aux_loss": aux / present if present else 0.0}
+            if lossy:
+                layer.update(mean_cosine=cos / lossy, residual_energy=energy / lossy)
+            out.append(layer)
         return out
 
     # -- 3. evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean validation lm loss over ``eval_iters`` fixed batches (None without data)."""
+        """Mean validation loss over ``eval_iters`` fixed batches (None without data)."""
         iterator = self.data.valid_iterator()
         if iterator is None or self.config.training.eval_iters == 0:
             return None
@@ -309,7 +357,7 @@ class Trainer:
         first_valid = last_valid = None
         if self.iteration == 0 and self.data.has_valid:
             first_valid = last_valid = self.evaluate()
-            self.logger.log_validation(0, {"lm loss": first_valid})
+            self.logger.log_validation(0, {self.task.loss_name: first_valid})
         exit_reason, last = None, None
         while self.iteration < tr.train_iters:
             last = self.train_step(iterator)
@@ -317,7 +365,7 @@ class Trainer:
             saved = False
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.data.has_valid:
                 last_valid = self.evaluate()
-                self.logger.log_validation(self.iteration, {"lm loss": last_valid})
+                self.logger.log_validation(self.iteration, {self.task.loss_name: last_valid})
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
                 saved = True
@@ -332,7 +380,7 @@ class Trainer:
                 self.save()
         self.logger.close()
         return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
-                "last_lm_loss": last["lm_loss"] if last else None,
+                "last_lm_loss": last["losses"][self.task.loss_name] if last else None,
                 "first_valid_loss": first_valid, "last_valid_loss": last_valid,
                 "exit_reason": exit_reason}
 

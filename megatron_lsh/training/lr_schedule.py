@@ -24,18 +24,8 @@ from megatron_lsh.config import ConfigError, OptimizerConfig
 
 
 def resolve_schedule(optimizer_config: OptimizerConfig, train_iters: int) -> tuple[float, int]:
-    """(warmup iters, decay iters) of a config; refuses a warmup that does not end before decay."""
-    decay_iters = optimizer_config.lr_decay_iters or train_iters
-    if decay_iters <= 0:
-        raise ConfigError(f"--lr-decay-iters must be positive, got {decay_iters}")
-    if optimizer_config.lr_warmup_fraction is not None:
-        warmup_iters = optimizer_config.lr_warmup_fraction * decay_iters
-    else:
-        warmup_iters = optimizer_config.lr_warmup_iters
-    if warmup_iters >= decay_iters:
-        raise ConfigError(f"the learning-rate warmup ({warmup_iters} iterations) must end before "
-                          f"--lr-decay-iters / --train-iters ({decay_iters})")
-    return warmup_iters, decay_iters
+    """(warmup iters, decay iters) of a config (see ``OptimizerConfig.schedule_iters``)."""
+    return optimizer_config.schedule_iters(train_iters)
 
 
 class OptimizerParamScheduler:

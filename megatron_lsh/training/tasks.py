@@ -1,40 +1,67 @@
-"""What differs between GPT, RoBERTa and T5 pretraining: datasets, model inputs, the loss.
+"""What differs between model kinds (GPT, RoBERTa, T5 pretraining, ...): one :class:`Task` each.
 
-A :class:`Task` turns a collated batch from the dataset into the model's keyword arguments
-and its per-token output into the masked-mean language-model loss. Everything else in the
-training loop is shared.
+The training loop and the run's data code are the same for every kind; whatever depends on
+the kind is a method or attribute of its task, so adding a kind (image classification,
+GLUE-style classification heads, ...) means adding a :class:`Task` subclass and a ``TASKS``
+entry, not editing the loop. A task owns:
+
+- ``model_class`` and :meth:`Task.build_model`: this rank's stage of the model;
+- :meth:`Task.model_inputs`: a collated dataset batch -> the model's forward keyword arguments;
+- :meth:`Task.loss` and ``loss_name``: the model's output -> the loss to train on, and the
+  name the loop reports it under (``"lm loss"`` for the language models, as Megatron logs it);
+- ``dataset_class`` and :meth:`Task.dataset_kwargs`: what ``build_train_valid_test_datasets``
+  builds, with which class-specific arguments;
+- :meth:`Task.total_num_layers` / :meth:`Task.decoder_num_layers`: the transformer layers
+  the MoE layer numbering counts, and a separate decoder stack for the pipeline split check;
+- :meth:`Task.tokens_per_sample` (for tokens/s) and :meth:`Task.synthetic_batch`.
+
+Architecture facts (layer counts, tokens per sample, synthetic batches) are declared by the
+model class (:class:`~megatron_lsh.models.base.StageModel`), which the models layer itself
+uses; the task forwards to it, so both layers agree by construction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Dict, Optional, Type
 
 import torch
 
-from megatron_lsh.config import ModelConfig
+from megatron_lsh.config import ConfigError, MegatronLSHConfig, ModelConfig, MoEConfig
+from megatron_lsh.data.gpt_dataset import GPTDataset
+from megatron_lsh.data.mlm_dataset import MLMDataset
+from megatron_lsh.data.t5_dataset import T5Dataset
+from megatron_lsh.models.base import StageModel
+from megatron_lsh.models.gpt import GPTModel
+from megatron_lsh.models.roberta import RobertaModel
+from megatron_lsh.models.t5 import T5Model
+from megatron_lsh.parallel.dims import ProcessGroups
 
 
-@dataclass(frozen=True)
 class Task:
-    """One pretraining objective."""
+    """One model kind's objective; subclasses set the class attributes and :meth:`inputs`."""
 
-    name: str
-    """'gpt' (causal LM), 'roberta' (masked LM) or 't5' (span corruption)."""
-    dataset_kind: str
-    """The kind passed to ``build_train_valid_test_datasets``."""
+    name: ClassVar[str]
+    """The kind's name, as in ``Recipe.kind`` and the entry points ('gpt', 'roberta', 't5')."""
+    model_class: ClassVar[Type[StageModel]]
+    """The model (one pipeline stage of it)."""
+    dataset_class: ClassVar[type]
+    """The dataset class ``build_train_valid_test_datasets`` builds."""
+    loss_name: ClassVar[str] = "lm loss"
+    """The name the loss is reported under (logs, metrics, validation)."""
+
+    def build_model(self, model: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
+                    seed: int, sequence_parallel: bool = False, device=None) -> torch.nn.Module:
+        """This rank's stage of the model, initialised from ``seed``."""
+        return self.model_class(model, moe, groups, seed=seed,
+                                sequence_parallel=sequence_parallel, device=device)
+
+    def inputs(self, batch: dict) -> dict:
+        """The model's forward keyword arguments taken from a collated dataset batch."""
+        raise NotImplementedError
 
     def model_inputs(self, batch: dict, hidden_states: Optional[torch.Tensor] = None) -> dict:
-        """Keyword arguments of the model's forward for one micro-batch."""
-        if self.name == "gpt":
-            kwargs = dict(input_ids=batch["tokens"], labels=batch["labels"])
-        elif self.name == "roberta":
-            kwargs = dict(input_ids=batch["tokens"], padding_mask=batch["padding_mask"].bool(),
-                          labels=batch["labels"])
-        else:
-            kwargs = dict(encoder_input_ids=batch["encoder_tokens"],
-                          decoder_input_ids=batch["decoder_tokens"],
-                          encoder_padding_mask=batch["encoder_padding_mask"].bool(),
-                          labels=batch["labels"])
+        """Keyword arguments of the model's forward for one micro-batch; ``hidden_states`` is
+        what the previous pipeline stage sent (None on the first stage)."""
+        kwargs = self.inputs(batch)
         if hidden_states is not None:
             kwargs["hidden_states"] = hidden_states
         return kwargs
@@ -45,19 +72,82 @@ class Task:
         mask = batch["loss_mask"].float()
         return (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def dataset_kwargs(self, model: ModelConfig, mask_prob: float) -> dict:
-        """Extra arguments of the dataset class."""
-        if self.name == "roberta":
-            return dict(mask_prob=mask_prob)
-        if self.name == "t5":
-            return dict(decoder_seq_length=model.decoder_seq_length)
+    def dataset_kwargs(self, config: MegatronLSHConfig) -> dict:
+        """Extra keyword arguments of ``dataset_class`` taken from the run's config."""
         return {}
+
+    def total_num_layers(self, model: ModelConfig) -> int:
+        """Transformer layers of the whole model (MoE layers are numbered over these)."""
+        return self.model_class.total_num_layers(model)
+
+    def decoder_num_layers(self, model: ModelConfig) -> Optional[int]:
+        """Layers of a separate decoder stack, or None (for the pipeline split check)."""
+        return self.model_class.decoder_num_layers(model)
 
     def tokens_per_sample(self, model: ModelConfig) -> int:
         """Tokens a sample feeds the model (encoder + decoder for T5), for tokens/s."""
-        if self.name == "t5":
-            return model.seq_length + model.decoder_seq_length
-        return model.seq_length
+        return self.model_class.tokens_per_sample(model)
+
+    def synthetic_batch(self, model: ModelConfig, batch: int, seed: int) -> dict:
+        """Random model inputs plus ``loss_mask`` (as :func:`~megatron_lsh.models.synthetic.
+        synthetic_batch` of this kind)."""
+        return self.model_class.synthetic_batch(model, batch, torch.Generator().manual_seed(seed))
 
 
-TASKS = {"gpt": Task("gpt", "gpt"), "roberta": Task("roberta", "mlm"), "t5": Task("t5", "t5")}
+class GPTTask(Task):
+    """Causal language modelling: predict every next token."""
+
+    name = "gpt"
+    model_class = GPTModel
+    dataset_class = GPTDataset
+
+    def inputs(self, batch: dict) -> dict:
+        """``tokens`` and ``labels`` (the tokens shifted by one)."""
+        return dict(input_ids=batch["tokens"], labels=batch["labels"])
+
+
+class RobertaTask(Task):
+    """Masked language modelling: predict the masked tokens (no next-sentence task)."""
+
+    name = "roberta"
+    model_class = RobertaModel
+    dataset_class = MLMDataset
+
+    def inputs(self, batch: dict) -> dict:
+        """Masked ``tokens``, the padding mask (True = real token) and the original tokens."""
+        return dict(input_ids=batch["tokens"], padding_mask=batch["padding_mask"].bool(),
+                    labels=batch["labels"])
+
+    def dataset_kwargs(self, config: MegatronLSHConfig) -> dict:
+        """The share of tokens to mask (``--mask-prob``)."""
+        return dict(mask_prob=config.data.mask_prob)
+
+
+class T5Task(Task):
+    """Span corruption: the decoder restores the spans replaced by sentinels in the input."""
+
+    name = "t5"
+    model_class = T5Model
+    dataset_class = T5Dataset
+
+    def inputs(self, batch: dict) -> dict:
+        """Encoder and decoder tokens, the encoder padding mask, the decoder targets."""
+        return dict(encoder_input_ids=batch["encoder_tokens"],
+                    decoder_input_ids=batch["decoder_tokens"],
+                    encoder_padding_mask=batch["encoder_padding_mask"].bool(),
+                    labels=batch["labels"])
+
+    def dataset_kwargs(self, config: MegatronLSHConfig) -> dict:
+        """The decoder length (``--decoder-seq-length``)."""
+        return dict(decoder_seq_length=config.model.decoder_seq_length)
+
+
+TASKS: Dict[str, Task] = {task.name: task for task in (GPTTask(), RobertaTask(), T5Task())}
+"""Every task by name."""
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; a :class:`ConfigError` naming the known ones otherwise."""
+    if name not in TASKS:
+        raise ConfigError(f"model kind must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name]

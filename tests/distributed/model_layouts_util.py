@@ -6,7 +6,7 @@ shape by name, grad norm) and adds:
 
 * :func:`run_jobs`: the worker of one spawned process group. It runs a list of jobs in turn
   (starting 2-4 processes is the slow part on a 2-core machine) and records, per job, the MoE
-  statistics of every forward on this rank (rows routed and centroids sent), so a test can
+  statistics of every forward on this rank (rows routed and rows sent), so a test can
   show that LSH really merged rows.
 * :func:`tp_share_reference`: where LSH clusters. The dispatcher clusters the rows *one
   rank dispatches*. With tp = 1 that is every row of the micro-batches the rank holds (DP and
@@ -29,6 +29,7 @@ import torch
 
 from megatron_lsh.config import MoEConfig
 from megatron_lsh.moe import MoELayer
+from megatron_lsh.moe.compressors import compression
 from megatron_lsh.moe.router import Routing
 from megatron_lsh.parallel.all_to_all import tp_share_sizes
 from tests.distributed.layouts import parallel_step_worker, reference_step, tiny_config
@@ -39,7 +40,7 @@ MOE = MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2, aux_loss_coeff=1
                 z_loss_coeff=1e-3)
 """4 experts, top-2, dropless, MoE on every 2nd layer, both router losses on."""
 
-LSH = replace(MOE, a2a_compression="lsh", lsh_num_hashes=3, lsh_rotation_dim=1)
+LSH = replace(MOE, **compression("lsh", num_hashes=3, rotation_dim=1))
 """L = 3 sign hashes: 8 buckets per expert, so a micro-batch's ~8 rows per expert do merge."""
 
 COMPRESSIONS = {"none": MOE, "lsh": LSH}
@@ -75,11 +76,11 @@ def make_jobs(world: int, layouts, kinds=KINDS, compressions=tuple(COMPRESSIONS)
 
 @contextlib.contextmanager
 def _count_moe_rows(totals: dict):
-    """Add up ``rows`` and ``centroids`` of every MoE forward on this rank while active."""
+    """Add up ``rows`` and ``sent_rows`` of every MoE forward on this rank while active."""
     def hook(module, args, output):
         if isinstance(module, MoELayer) and module.last_stats is not None:
             totals["rows"] += module.last_stats.rows
-            totals["centroids"] += module.last_stats.centroids
+            totals["sent_rows"] += module.last_stats.sent_rows
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         yield
@@ -91,7 +92,7 @@ def run_jobs(rank: int, world: int, jobs: list) -> list:
     """Worker: one training step per job (see ``parallel_step_worker``), plus MoE row counts."""
     results = []
     for job in jobs:
-        totals = {"rows": 0, "centroids": 0}
+        totals = {"rows": 0, "sent_rows": 0}
         with _count_moe_rows(totals):
             out = parallel_step_worker(rank, world, job["kind"], job["config"], job["moe"],
                                        job["tp"], job["pp"], job["ep"], job["sequence_parallel"])

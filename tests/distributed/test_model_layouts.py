@@ -19,15 +19,17 @@ expert; what rank receives them (EP) does not matter, since rows are clustered b
 all-to-all. With tp = 1 a rank dispatches the rows of whole micro-batches (DP and PP move
 whole micro-batches), which is exactly what the single-process model clusters micro-batch
 by micro-batch, so these layouts are compared with the unmodified single-process ``lsh``
-model: same clusters, same centroids, hence the same loss and gradients. With tp = 2 each
-TP rank dispatches only its share of a micro-batch's tokens, so its clusters never span two
-shares; the reference for those layouts is the single-process model whose MoE layers
-dispatch each share separately (``model_layouts_util.tp_share_reference``; with sequence
-parallelism the shares are the sequence shards, the same split). That this is
-not vacuous is checked too: LSH merged rows in every ``lsh`` job (centroids < rows summed
-over ranks) and none in ``none`` jobs, ``lsh`` changes the single-process loss, and the
-share split changes the ``lsh`` reference (so a TP layout that clustered across shares, or
-a reference that did, would fail). ``lsh`` with singleton clusters equal to ``none`` exactly
+model: same clusters, same centroids, hence the same loss and gradients. With tp = 2 and no
+sequence parallelism the tokens are replicated over TP and LSH is ``tp_shared``: every TP
+rank clusters the whole micro-batch identically and sends only its share of the centroids,
+so these layouts too are compared with the unmodified single-process model. With sequence
+parallelism each TP rank holds (and clusters) its own sequence shard; the reference for those
+is the single-process model whose MoE layers dispatch each share separately
+(``model_layouts_util.tp_share_reference``). That this is not vacuous is checked too: LSH
+merged rows in every ``lsh`` job (rows sent < rows summed over ranks) and none in ``none``
+jobs, ``lsh`` changes the single-process loss, and the share split changes the ``lsh``
+reference (so a TP layout that clustered the wrong tokens, or a reference that did, would
+fail). ``lsh`` with singleton clusters equal to ``none`` exactly
 is a single-process test in ``tests/unit/test_models.py``.
 """
 from __future__ import annotations
@@ -63,7 +65,9 @@ def one_thread():
 
 def reference_for(job):
     """The single-process reference of a job (cached: several layouts share one)."""
-    shares = job["tp"] if job["compression"] == "lsh" else 1
+    # LSH is tp_shared: without sequence parallelism TP ranks cluster the whole micro-batch.
+    per_share = job["compression"] == "lsh" and job["sequence_parallel"]
+    shares = job["tp"] if per_share else 1
     key = (job["kind"], job["compression"], job["sequence_parallel"], shares)
     if key not in _references:
         _references[key] = tp_share_reference(job["kind"], job["moe"], shares)
@@ -102,7 +106,7 @@ def test_lsh_merged_rows_and_none_did_not(world, request):
     results = request.getfixturevalue(f"world{world}_results")
     for index, job in enumerate(jobs):
         rows = sum(rank[index]["rows"] for rank in results)
-        centroids = sum(rank[index]["centroids"] for rank in results)
+        centroids = sum(rank[index]["sent_rows"] for rank in results)
         assert rows > 0, job["name"]
         if job["compression"] == "lsh":
             assert centroids < rows, (job["name"], centroids, rows)

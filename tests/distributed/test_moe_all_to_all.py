@@ -2,7 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from megatron_lsh.moe.compression import Bf16Codec
+from megatron_lsh.moe.compressors.codecs import Bf16Codec
 from megatron_lsh.parallel.all_to_all import (all_to_all, exchange_counts, gather_from_tp,
                                               split_to_tp)
 from megatron_lsh.parallel.spawn import run_distributed

@@ -14,15 +14,17 @@ import torch
 
 from megatron_lsh.config import MoEConfig
 from megatron_lsh.moe import MoELayer
-from megatron_lsh.parallel.all_to_all import tp_share_sizes
+from megatron_lsh.moe.compressors import compression
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
 from megatron_lsh.parallel.spawn import run_distributed
 
 HIDDEN, FFN, EXPERTS = 16, 24, 8
 
 
-def scenario(name, world, tp=1, ep=1, sp=False, tokens="normal", **moe):
-    cfg = dict(num_experts=EXPERTS, router_topk=2, aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
+def scenario(name, world, tp=1, ep=1, sp=False, tokens="normal", compressor="none",
+             options=None, **moe):
+    cfg = dict(num_experts=EXPERTS, router_topk=2, aux_loss_coeff=1e-2, z_loss_coeff=1e-3,
+               **compression(compressor, **(options or {})))
     cfg.update(moe)
     return dict(name=name, world=world, tp=tp, ep=ep, sp=sp, tokens=tokens, moe=cfg)
 
@@ -86,8 +88,6 @@ def worker(rank, world, scenarios):
 
 
 def reference(sc, unit):
-    if sc["tp"] > 1 and not sc["sp"] and sc["moe"].get("a2a_compression") == "lsh":
-        return reference_by_tp_share(sc, unit)
     layer = build_layer(dict(sc, sp=False), ProcessGroups.single())
     x = unit_tokens(unit, sc)
     out = forward_backward(layer, x, unit)
@@ -102,25 +102,6 @@ def reference(sc, unit):
         out["x_grad"] = xr.grad
         out["grads"] = {n: p.grad.detach().clone() for n, p in layer.named_parameters()}
     return out
-
-
-def reference_by_tp_share(sc, unit):
-    """LSH under TP: each TP rank clusters its own share, so the reference runs per share."""
-    assert sc["moe"]["aux_loss_coeff"] == 0 and sc["moe"]["z_loss_coeff"] == 0
-    layer = build_layer(sc, ProcessGroups.single())
-    x = unit_tokens(unit, sc)
-    flat_x, flat_w = x.reshape(-1, HIDDEN), loss_weights(unit, x.shape).reshape(-1, HIDDEN)
-    ys, x_grads = [], []
-    for part_x, part_w in zip(flat_x.split(tp_share_sizes(flat_x.shape[0], sc["tp"])),
-                              flat_w.split(tp_share_sizes(flat_x.shape[0], sc["tp"]))):
-        part_x = part_x.clone().requires_grad_()
-        y, _ = layer(part_x)
-        (y * part_w).sum().backward()
-        ys.append(y.detach())
-        x_grads.append(part_x.grad)
-    return dict(y=torch.cat(ys).view(x.shape), x_grad=torch.cat(x_grads).view(x.shape),
-                grads={n: p.grad.detach().clone() for n, p in layer.named_parameters()},
-                rotations=layer.compressor.rotations)
 
 
 def check(sc, results, atol=2e-5):
@@ -150,23 +131,24 @@ def check(sc, results, atol=2e-5):
 WORLD2 = [
     scenario("ep2-none", 2, ep=2),
     scenario("ep1-dp2-none", 2, ep=1),
-    scenario("ep2-lsh", 2, ep=2, a2a_compression="lsh", lsh_num_hashes=2),
-    scenario("ep2-lsh-nocomp", 2, ep=2, a2a_compression="lsh", lsh_num_hashes=3,
-             lsh_compensation=False),
-    scenario("ep2-cast-fp8", 2, ep=2, a2a_compression="cast", cast_dtype="fp8"),
+    scenario("ep2-lsh", 2, ep=2, compressor="lsh", options={"num_hashes": 2}),
+    scenario("ep2-lsh-nocomp", 2, ep=2, compressor="lsh",
+             options={"num_hashes": 3, "compensation": "none"}),
+    scenario("ep2-cast-fp8", 2, ep=2, compressor="cast", options={"dtype": "fp8"}),
     scenario("ep2-top1-capacity", 2, ep=2, router_topk=1, capacity_factor=1.0),
     scenario("ep2-empty-rank", 2, ep=2, tokens="empty_on_1"),
-    scenario("ep2-all-empty", 2, ep=2, tokens="all_empty", a2a_compression="lsh"),
+    scenario("ep2-all-empty", 2, ep=2, tokens="all_empty", compressor="lsh"),
     scenario("ep2-all-to-expert0", 2, ep=2, tokens="all_to_0", router_topk=1),
-    scenario("ep2-skewed-lsh", 2, ep=2, tokens="skewed", router_topk=1, a2a_compression="lsh"),
+    scenario("ep2-skewed-lsh", 2, ep=2, tokens="skewed", router_topk=1, compressor="lsh"),
 ]
 
 WORLD4 = [
     scenario("ep4-none", 4, ep=4),
-    scenario("ep4-lsh", 4, ep=4, a2a_compression="lsh", lsh_num_hashes=3),
+    scenario("ep4-lsh", 4, ep=4, compressor="lsh", options={"num_hashes": 3}),
     scenario("tp2-ep2-none", 4, tp=2, ep=2),
-    scenario("tp2-ep4-lsh", 4, tp=2, ep=4, a2a_compression="lsh", lsh_num_hashes=2,
-             aux_loss_coeff=0.0, z_loss_coeff=0.0),
+    scenario("tp2-ep4-lsh", 4, tp=2, ep=4, compressor="lsh", options={"num_hashes": 2}),
+    scenario("tp2-ep2-lsh-target", 4, tp=2, ep=2, compressor="lsh",
+             options={"num_hashes": 0, "target_rate": 0.3, "compensation": "scaled"}),
     scenario("tp2-ep4-sp-none", 4, tp=2, ep=4, sp=True),
     scenario("ep4-empty-rank", 4, ep=4, tokens="empty_on_1", router_topk=1),
 ]
@@ -221,4 +203,4 @@ def test_bytes_on_the_wire(world2_results):
     lsh_index = [s["name"] for s in WORLD2].index("ep2-lsh")
     for per_rank in world2_results:
         stats = per_rank[lsh_index]["stats"]
-        assert stats["centroids"] < stats["rows"] and 0 < stats["mean_cosine"] < 1
+        assert stats["sent_rows"] < stats["rows"] and 0 < stats["mean_cosine"] < 1

@@ -11,7 +11,8 @@ from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
 from megatron_lsh.parallel.grad_norm import clip_grad_norm, get_grad_norm
 from megatron_lsh.parallel.loss_scaler import DynamicLossScaler
-from megatron_lsh.parallel.optimizer import MixedPrecisionOptimizer, build_optimizer
+from megatron_lsh.parallel.optimizer import MixedPrecisionOptimizer
+from megatron_lsh.parallel.optimizer_factory import build_optimizer
 from megatron_lsh.parallel.spawn import run_distributed
 from tests.distributed.test_data_parallel import MB, TinyMoE, batch, local_model
 

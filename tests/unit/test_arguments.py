@@ -25,7 +25,7 @@ def test_flags_land_in_their_config_fields():
         "--moe-expert-capacity-factor", "1.25", "--moe-aux-loss-coeff", "0.02",
         "--moe-z-loss-coeff", "0.001", "--moe-a2a-compression", "lsh", "--moe-lsh-num-hashes", "8",
         "--moe-lsh-hash-type", "spherical_plane", "--moe-lsh-rotation-dim", "3",
-        "--moe-lsh-no-compensation", "--moe-lsh-redraw-interval", "50", "--moe-cast-dtype", "fp8",
+        "--moe-lsh-no-compensation", "--moe-lsh-redraw-interval", "50",
         "--micro-batch-size", "4", "--global-batch-size", "64", "--train-iters", "1000",
         "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "linear", "--lr-decay-iters", "900",
         "--lr-warmup-fraction", "0.01", "--weight-decay", "0.1", "--clip-grad", "0.5",
@@ -55,8 +55,9 @@ def test_flags_land_in_their_config_fields():
     e = c.moe
     assert (e.num_experts, e.moe_layer_freq, e.router_topk, e.capacity_factor) == (16, 1, 1, 1.25)
     assert (e.aux_loss_coeff, e.z_loss_coeff, e.a2a_compression) == (0.02, 0.001, "lsh")
-    assert (e.lsh_num_hashes, e.lsh_hash_type, e.lsh_rotation_dim) == (8, "spherical_plane", 3)
-    assert (e.lsh_compensation, e.lsh_redraw_interval, e.cast_dtype) == (False, 50, "fp8")
+    lsh = e.compression_options
+    assert (lsh.num_hashes, lsh.hash_type, lsh.rotation_dim) == (8, "spherical_plane", 3)
+    assert (lsh.compensation, lsh.redraw_interval) == ("none", 50)  # --moe-lsh-no-compensation
     o = c.optimizer
     assert (o.lr, o.min_lr, o.lr_decay_style, o.lr_decay_iters, o.lr_warmup_fraction) == (3e-4, 3e-5, "linear", 900, 0.01)
     assert (o.weight_decay, o.clip_grad, o.adam_beta1, o.adam_beta2, o.adam_eps) == (0.1, 0.5, 0.8, 0.95, 1e-6)
@@ -76,19 +77,68 @@ def test_flags_land_in_their_config_fields():
     assert (g.log_interval, g.tensorboard_dir, g.metrics_jsonl) == (1, "tb", "m.jsonl")
 
 
-def test_entry_point_defaults_sit_between_dataclass_and_command_line():
-    recipe = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "swiglu": True,
-              "bf16": False}
-    c = parse_args(["--hidden-size", "384"], defaults=recipe)
+def test_cast_options_come_from_the_cast_compressor():
+    c = parse_args(["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"])
+    assert c.moe.compression_options.dtype == "fp8"
+    assert parse_args(["--moe-a2a-compression", "cast"]).moe.compression_options is None
+
+
+def test_lsh_rate_quality_options():
+    c = parse_args(["--moe-a2a-compression", "lsh", "--moe-lsh-compensation", "scaled",
+                    "--moe-lsh-target-rate", "0.1", "--moe-lsh-num-hashes", "0",
+                    "--moe-lsh-wire-dtype", "fp8", "--moe-a2a-compression-scope", "inter-node"])
+    o = c.moe.compression_options
+    assert (o.compensation, o.target_rate, o.num_hashes) == ("scaled", 0.1, 0)
+    assert (o.wire_dtype, o.scope) == ("fp8", "inter-node")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moe-lsh-num-hashes", "0"], "--moe-lsh-num-hashes must be positive, got 0"),
+    (["--moe-lsh-target-rate", "1.5"], "--moe-lsh-target-rate must be in (0, 1], got 1.5"),
+])
+def test_bad_lsh_options_name_their_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--moe-a2a-compression", "lsh", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_options_of_another_compressor_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--moe-a2a-compression", "none", "--moe-lsh-num-hashes", "4"])
+    assert ("--moe-lsh-num-hashes is an option of the 'lsh' compressor, but "
+            "--moe-a2a-compression is 'none'") in capsys.readouterr().err
+
+
+def test_every_config_field_with_a_flag_is_on_the_parser():
+    """The parser is derived from the dataclasses: each declared flag is there, once."""
+    import dataclasses
+    from megatron_lsh.config import SECTIONS
+    from megatron_lsh.moe.compressors import compressor_classes
+    parser = build_parser()
+    options = {o for a in parser._actions for o in a.option_strings}
+    classes = list(SECTIONS.values()) + [c.Options for c in compressor_classes().values()]
+    declared = [f.metadata["flag"] for cls in classes for f in dataclasses.fields(cls)
+                if f.metadata.get("flag")]
+    assert len(declared) == len(set(declared)) and set(declared) <= options
+
+
+def test_base_configs_sit_between_dataclass_and_command_line():
+    from megatron_lsh.config import ModelConfig, OptimizerConfig
+    base = {"model": ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12,
+                                 activation="swiglu", init_method_std=0.006),
+            "optimizer": OptimizerConfig(lr=3e-4)}
+    c = parse_args(["--hidden-size", "384"], base=base)
     assert (c.model.num_layers, c.model.hidden_size, c.model.activation) == (12, 384, "swiglu")
-    assert c.optimizer.bf16 is False
+    assert c.model.init_method_std == 0.006    # a field no flag mapping lists is kept too
+    assert c.model.ffn_hidden_size == 4 * 384  # derived defaults follow the override
+    assert c.optimizer.lr == 3e-4 and c.optimizer.bf16 is False
 
 
-def test_unknown_defaults_key_is_refused(capsys):
+def test_unknown_base_section_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_args([], defaults={"num_layer": 3})
+        parse_args([], base={"modle": None})
     assert exit_info.value.code == 2
-    assert "defaults has keys that are not flag names: num_layer" in capsys.readouterr().err
+    assert "base config has unknown sections: modle" in capsys.readouterr().err
 
 
 def test_extra_args_provider_values_come_back_in_the_namespace():

@@ -2,6 +2,9 @@
 import pytest
 
 from megatron_lsh.config import ConfigError, ModelConfig, MoEConfig, OptimizerConfig
+from megatron_lsh.moe.compressors import build_compressor
+from megatron_lsh.moe.compressors.cast import CastOptions
+from megatron_lsh.moe.compressors.lsh import LSHOptions
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
 
 
@@ -76,14 +79,22 @@ def test_single_process_groups_need_no_distributed():
 
 
 def test_config_validation_messages():
-    with pytest.raises(ConfigError, match=r"hidden_size \(10\) is not divisible by "
-                                          r"num_attention_heads \(4\)"):
+    """Configs built in code are checked like flags, and messages name the flags."""
+    with pytest.raises(ConfigError, match=r"--hidden-size \(10\) is not divisible by "
+                                          r"--num-attention-heads \(4\)"):
         ModelConfig(hidden_size=10, num_attention_heads=4)
-    with pytest.raises(ConfigError, match=r"moe_router_topk \(3\) exceeds num_experts \(2\)"):
+    with pytest.raises(ConfigError, match=r"--moe-router-topk \(3\) exceeds --num-experts \(2\)"):
         MoEConfig(num_experts=2, router_topk=3)
-    with pytest.raises(ConfigError, match="moe_a2a_compression must be one of"):
-        MoEConfig(a2a_compression="zip")
-    with pytest.raises(ConfigError, match="bf16 and fp16 cannot both be set"):
+    with pytest.raises(ConfigError, match="--moe-a2a-compression must be one of"):
+        build_compressor(MoEConfig(num_experts=2, a2a_compression="zip"), 8)
+    with pytest.raises(ConfigError, match="--bf16 and --fp16 cannot both be set"):
         OptimizerConfig(bf16=True, fp16=True)
+    with pytest.raises(ConfigError, match="--adam-eps must be positive"):
+        OptimizerConfig(adam_eps=0.0)
+    with pytest.raises(ConfigError, match="--moe-lsh-num-hashes must be positive, got 0"):
+        LSHOptions(num_hashes=0)
+    with pytest.raises(ConfigError, match="compressor 'lsh' takes LSHOptions"):
+        build_compressor(MoEConfig(num_experts=2, a2a_compression="lsh",
+                                   compression_options=CastOptions()), 8)
     cfg = ModelConfig(hidden_size=64, num_attention_heads=4)
     assert cfg.ffn_hidden_size == 256 and cfg.kv_channels == 16

@@ -12,7 +12,7 @@ from megatron_lsh.training.logger import (IterationMetrics, MetricsJsonlWriter, 
 
 def metrics(iteration, loss=2.0, skipped=False, ms=100.0, moe=True):
     layers = [{"compression_rate": 0.2, "bytes_fwd": 1000, "bytes_bwd": 800,
-               "aux_loss": torch.tensor(0.01), "rows": 64, "centroids": 13},
+               "aux_loss": torch.tensor(0.01), "rows": 64, "sent_rows": 13},
               {"compression_rate": 0.4, "bytes_fwd": 3000, "bytes_bwd": 2400, "aux_loss": 0.02}]
     return IterationMetrics(iteration=iteration, consumed_samples=8 * iteration, lr=1e-4 * iteration,
                             global_batch_size=8, losses={"lm loss": torch.tensor(loss, dtype=torch.float64)},
@@ -66,7 +66,7 @@ def test_jsonl_record_is_exact_and_complete(tmp_path):
     assert (first["iteration"], first["consumed_samples"], first["skipped"]) == (1, 8, False)
     assert first["tokens_per_s"] == pytest.approx(8 * 128 / 0.1)
     assert first["moe"][0] == {"compression_rate": 0.2, "bytes_fwd": 1000, "bytes_bwd": 800,
-                               "aux_loss": pytest.approx(0.01), "rows": 64, "centroids": 13}
+                               "aux_loss": pytest.approx(0.01), "rows": 64, "sent_rows": 13}
     assert first["moe"][1]["compression_rate"] == 0.4
     second = json.loads(lines[1])
     assert second["skipped"] is True and second["moe"] == []
@@ -116,7 +116,7 @@ def test_tensorboard_gets_scalars_for_everything(tmp_path):
     for tag in ("learning-rate", "lm loss", "lm loss vs samples", "loss-scale", "grad-norm",
                 "iteration-time", "throughput/tokens_per_s", "moe/compression_rate",
                 "moe/bytes_fwd", "moe/layer0/compression_rate", "moe/layer1/bytes_bwd",
-                "moe/layer0/aux_loss", "moe/layer0/centroids", "lm loss validation",
+                "moe/layer0/aux_loss", "moe/layer0/sent_rows", "lm loss validation",
                 "lm loss validation ppl"):
         assert tag in tags, tag
     assert [e.value for e in acc.Scalars("lm loss")] == [1.0, 2.0]

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from megatron_lsh.config import MoEConfig
-from megatron_lsh.moe import MoELayer, lsh
-from megatron_lsh.moe.compression import LSHCompressor, Rows, weighted_sum_into_tokens
+from megatron_lsh.moe import MoELayer
+from megatron_lsh.moe.compressors import Rows, compression, weighted_sum_into_tokens
+from megatron_lsh.moe.compressors import lsh_ops as lsh
+from megatron_lsh.moe.compressors.lsh import LSHCompressor, LSHOptions
+from megatron_lsh.moe.compressors.none import NoCompression
 from megatron_lsh.moe.dispatcher import AllToAllDispatcher
 from megatron_lsh.moe.experts import GroupedExperts
 from megatron_lsh.moe.router import Routing
@@ -108,12 +111,22 @@ def test_segment_mean_gives_each_row_grad_over_n():
     assert torch.allclose(x.grad[:, 0], torch.tensor([1 / 3, 1 / 2, 1 / 3, 1 / 3, 1 / 2]))
 
 
+def _lsh(hidden, num_experts, **options):
+    return LSHCompressor(LSHOptions(**options), hidden_size=hidden, num_experts=num_experts)
+
+
+def _restore(payload, context, compensation="residual"):
+    """Every row's expert output rebuilt from its centroid's (the row-major reference)."""
+    return lsh.restore(context.rows.rows_RH, context.centroids_CH, payload, context.clusters,
+                       compensation != "none")
+
+
 def _dispatch(x_TH, routing, experts, compressor, with_stats=False):
     out, stats = AllToAllDispatcher(experts.num_experts, None, compressor)(x_TH, routing, experts)
     return (out, stats) if with_stats else out
 
 
-@pytest.mark.parametrize("compensation", [True, False])
+@pytest.mark.parametrize("compensation", ["residual", "scaled", "none"])
 def test_lsh_with_singleton_clusters_equals_no_compression_exactly(compensation):
     """Enough hash bits that every row is its own cluster: centroids are the rows."""
     hidden, num_experts = 16, 4
@@ -123,15 +136,15 @@ def test_lsh_with_singleton_clusters_equals_no_compression_exactly(compensation)
     routing = Routing(torch.rand(40, 2, generator=gen), torch.stack(
         [torch.randint(0, 2, (40,), generator=gen), torch.randint(2, 4, (40,), generator=gen)],
         1), None, None, None)
-    comp = LSHCompressor(hidden, num_experts, num_hashes=10, rotation_dim=64,
+    comp = _lsh(hidden, num_experts, num_hashes=10, rotation_dim=64,
                          compensation=compensation)
     results = []
-    for compressor in (None, comp):
+    for compressor in (NoCompression(), comp):
         x = x0.clone().requires_grad_()
         gates = routing.gates_TK.clone().requires_grad_()
         y, stats = _dispatch(x, Routing(gates, routing.experts_TK, None, None, None), experts,
                              compressor, with_stats=True)
-        assert stats.centroids == stats.rows == 80
+        assert stats.sent_rows == stats.rows == 80
         y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
         results.append((y.detach(), x.grad, gates.grad))
         experts.zero_grad()
@@ -141,31 +154,31 @@ def test_lsh_with_singleton_clusters_equals_no_compression_exactly(compensation)
 
 def test_identity_expert_with_compensation_restores_rows_exactly():
     x, experts = _sorted_rows(300, 8, 3)
-    comp = LSHCompressor(8, 3, num_hashes=2, rotation_dim=1)
+    comp = _lsh(8, 3, num_hashes=2, rotation_dim=1)
     payload, _, context = comp.compress(_rows(x, experts, 3), StageTimer(False))
     assert payload.shape[0] < 300                       # clusters do merge rows
-    assert torch.equal(comp.restore(payload.clone(), context, StageTimer(False)), x)
+    assert torch.equal(_restore(payload.clone(), context), x)
 
 
 def test_fused_combine_equals_restore_then_weighted_sum():
     x, experts = _sorted_rows(120, 8, 3, seed=4)
     gates = torch.rand(120)
     rows = _rows(x, experts, 3, gates)
-    comp = LSHCompressor(8, 3, num_hashes=3, rotation_dim=1)
+    comp = _lsh(8, 3, num_hashes=3, rotation_dim=1)
     payload, _, context = comp.compress(rows, StageTimer(False))
     expert_out = torch.tanh(payload * 3.0)
     fused = comp.combine(expert_out, context, rows, StageTimer(False))
-    reference = weighted_sum_into_tokens(comp.restore(expert_out, context, StageTimer(False)), rows)
+    reference = weighted_sum_into_tokens(_restore(expert_out, context), rows)
     assert torch.allclose(fused, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("compensation", [True, False])
+@pytest.mark.parametrize("compensation", ["residual", "none"])
 def test_gradcheck_lsh_dispatch_path(compensation):
     """float64 gradcheck of compress -> experts -> combine, w.r.t. tokens and gates."""
     torch.manual_seed(0)
     num_tokens, hidden, num_experts = 12, 6, 3
     experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
-    comp = LSHCompressor(hidden, num_experts, num_hashes=2, rotation_dim=1,
+    comp = _lsh(hidden, num_experts, num_hashes=2, rotation_dim=1,
                          compensation=compensation)
     experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
     x = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
@@ -175,16 +188,16 @@ def test_gradcheck_lsh_dispatch_path(compensation):
         return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
 
     sent = AllToAllDispatcher(num_experts, None, comp)(
-        x, Routing(gates, experts_TK, None, None, None), experts)[1].centroids
+        x, Routing(gates, experts_TK, None, None, None), experts)[1].sent_rows
     assert sent < 2 * num_tokens                        # the check covers merged clusters
     assert torch.autograd.gradcheck(fn, (x, gates), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("compensation", [True, False])
+@pytest.mark.parametrize("compensation", ["residual", "none"])
 def test_gradcheck_whole_layer_with_lsh(compensation):
     torch.manual_seed(1)
-    cfg = MoEConfig(num_experts=4, router_topk=2, a2a_compression="lsh", lsh_num_hashes=2,
-                    lsh_rotation_dim=1, lsh_compensation=compensation, z_loss_coeff=1e-2)
+    cfg = MoEConfig(num_experts=4, router_topk=2, z_loss_coeff=1e-2,
+                    **compression("lsh", num_hashes=2, rotation_dim=1, compensation=compensation))
     layer = MoELayer(cfg, 6, 8, ProcessGroups.single(), params_dtype=torch.float64, seed=3)
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
 
@@ -196,7 +209,7 @@ def test_gradcheck_whole_layer_with_lsh(compensation):
 
 
 def test_rotations_live_in_the_state_dict_and_redraw_on_schedule():
-    cfg = MoEConfig(num_experts=4, a2a_compression="lsh", lsh_redraw_interval=10)
+    cfg = MoEConfig(num_experts=4, **compression("lsh", redraw_interval=10))
     layer = MoELayer(cfg, 16, 32, ProcessGroups.single(), seed=7)
     first = layer.compressor.rotations.clone()
     assert "compressor.rotations" in layer.state_dict()
@@ -259,3 +272,95 @@ def test_cross_polytope_keeps_more_cosine_than_spherical_plane_at_similar_rate()
         t = 0.0 if upper[0] == lower[0] else (sp_rate - lower[0]) / (upper[0] - lower[0])
         cp_cos = lower[1] + t * (upper[1] - lower[1])
         assert cp_cos > sp_cos, (cp_m, sp_m, cp, sp_rate, sp_cos)
+
+
+def test_scaled_compensation_is_exact_for_a_linear_expert_and_its_gradient_holds_alpha_fixed(
+        monkeypatch):
+    """With an expert E(x) = a x the secant slope is a, so E(c) + a (x - c) = E(x) exactly;
+    the backward differentiates the forward with alpha as a constant (a stop-gradient)."""
+    torch.manual_seed(0)
+    num_tokens, hidden, num_experts, a = 12, 6, 3, 0.3
+    comp = _lsh(hidden, num_experts, num_hashes=2, rotation_dim=1, compensation="scaled")
+    experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64)
+    gates = torch.rand(num_tokens, 2, dtype=torch.float64)
+
+    class Linear(torch.nn.Module):
+        num_experts = 3
+
+        def forward(self, x_MH, counts):
+            return a * x_MH
+    out, stats = _dispatch(x, Routing(gates, experts_TK, None, None, None), Linear(), comp,
+                           with_stats=True)
+    assert stats.sent_rows < 2 * num_tokens
+    assert abs(stats.extra["compensation_alpha"] - a) < 1e-9
+    assert torch.allclose(out, a * x * gates.sum(1, keepdim=True), atol=1e-12)
+
+    experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
+    fixed_alpha = torch.tensor([0.4, 0.7, 0.1], dtype=torch.float64)
+    monkeypatch.setattr(lsh, "secant_slopes", lambda *args, **kw: fixed_alpha)
+    xg = x.clone().requires_grad_()
+    gg = gates.clone().requires_grad_()
+
+    def fn(x, gates):
+        return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
+    assert torch.autograd.gradcheck(fn, (xg, gg), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_hashes", [0, 2, 6])
+def test_target_rate_sends_exactly_the_budget_per_expert(num_hashes):
+    x, experts = _sorted_rows(300, 16, 3, seed=7)
+    rows = _rows(x, experts, 3)
+    comp = _lsh(16, 3, num_hashes=num_hashes, rotation_dim=1, target_rate=0.1)
+    payload, per_expert, context = comp.compress(rows, StageTimer(False))
+    want = torch.ceil(torch.bincount(experts, minlength=3) * 0.1).long()
+    assert torch.equal(per_expert, want) and payload.shape[0] == int(want.sum())
+    # The payload rows are the means of their clusters' rows.
+    means = torch.zeros(payload.shape).index_add(0, context.clusters.cluster_of_row, x)
+    means /= context.clusters.rows_per_cluster.unsqueeze(1)
+    assert torch.allclose(payload, means, atol=1e-6)
+
+
+def test_target_rate_has_less_residual_than_hashing_at_the_same_rate():
+    """On real hidden states, refined clusters at LSH's own rate leave less residual energy."""
+    x = text_states(FIXTURE.read_text(), 64, num_tokens=1024)
+    experts = torch.zeros(1024, dtype=torch.long)
+    rows = _rows(x, experts, 1)
+    hashed = _lsh(64, 1, num_hashes=8, rotation_dim=1)
+    _, per_expert, ctx_hash = hashed.compress(rows, StageTimer(False))
+    rate = float(per_expert.sum()) / 1024
+    refined = _lsh(64, 1, num_hashes=0, target_rate=rate)
+    _, per_expert2, ctx_split = refined.compress(rows, StageTimer(False))
+    assert int(per_expert2.sum()) <= int(per_expert.sum())
+    energy = [float(comp.statistics(ctx)["residual_energy"])
+              for comp, ctx in ((hashed, ctx_hash), (refined, ctx_split))]
+    assert energy[1] < 0.8 * energy[0], energy
+
+
+def test_wire_dtype_stacks_fp8_under_lsh():
+    x = torch.randn(64, 16)
+    sizes = []
+    for dtype in (None, "fp8"):
+        cfg = MoEConfig(num_experts=4, router_topk=2,
+                        **compression("lsh", num_hashes=2, wire_dtype=dtype))
+        layer = MoELayer(cfg, 16, 32, ProcessGroups.single(), seed=3)
+        layer(x)
+        sizes.append((layer.last_stats.sent_rows, layer.last_stats.bytes_fwd_total))
+    assert sizes[0][0] == sizes[1][0]                     # same clusters
+    assert sizes[1][1] * 64 == sizes[0][1] * (16 + 4)     # 4 bytes/value -> 1 + a 4-byte scale
+
+
+@pytest.mark.parametrize("options", [dict(num_hashes=2), dict(num_hashes=0, target_rate=0.1),
+                                     dict(num_hashes=3, target_rate=0.1)])
+def test_inter_node_scope_sends_rows_for_experts_on_the_node_as_they_are(options):
+    x, experts = _sorted_rows(300, 16, 3, seed=2)
+    rows = _rows(x, experts, 3)
+    comp = LSHCompressor(LSHOptions(scope="inter-node", **options), hidden_size=16,
+                         num_experts=3, same_node_E=torch.tensor([True, False, True]))
+    payload, per_expert, context = comp.compress(rows, StageTimer(False))
+    rows_E = torch.bincount(experts, minlength=3)
+    assert per_expert[0] == rows_E[0] and per_expert[2] == rows_E[2]
+    assert per_expert[1] < rows_E[1]
+    kept = (experts != 1).nonzero().squeeze(1)
+    clusters_of_kept = context.clusters.cluster_of_row[kept]
+    assert torch.equal(payload[clusters_of_kept], x[kept])       # sent as they are

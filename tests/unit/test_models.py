@@ -34,8 +34,9 @@ from megatron_lsh.models import build_model, get_recipe
 from megatron_lsh.models.synthetic import synthetic_batch
 from megatron_lsh.models.recipes import count_parameters, count_recipe, main as recipes_main
 from megatron_lsh.moe import MoELayer
+from megatron_lsh.moe.compressors import compression
 from megatron_lsh.parallel.dims import ProcessGroups
-from megatron_lsh.parallel.optimizer import build_optimizer
+from megatron_lsh.parallel.optimizer_factory import build_optimizer
 from megatron_lsh.parallel.random import model_parallel_seed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +106,7 @@ def test_tiny_recipe_learns_a_fixed_batch(name):
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_recipe_learns_with_lsh(name):
     losses, stats = train_fixed_batch(name, "lsh")
-    assert stats and all(s.centroids < s.rows for s in stats), [s.as_dict() for s in stats]
+    assert stats and all(s.sent_rows < s.rows for s in stats), [s.as_dict() for s in stats]
     assert losses[-1] <= 0.2 * losses[0], (losses[0], losses[-1])
 
 
@@ -243,11 +244,11 @@ def test_lsh_with_singleton_clusters_is_none(name):
     config = replace(recipe.model(), seq_length=32)
     batch = fixed_batch(recipe.kind, config)
     none_loss, none_grads = gradients(recipe.kind, config, recipe.moe(), batch)
-    lsh = replace(recipe.moe(), a2a_compression="lsh", lsh_num_hashes=16, lsh_rotation_dim=32)
+    lsh = replace(recipe.moe(), **compression("lsh", num_hashes=16, rotation_dim=32))
     model = build(recipe.kind, config, lsh)
     lm, aux = forward_loss(model, recipe.kind, batch)
     (lm + aux).backward()
     stats = [layer.last_stats for layer in moe_layers(model)]
-    assert stats and all(s.centroids == s.rows > 0 for s in stats)
+    assert stats and all(s.sent_rows == s.rows > 0 for s in stats)
     torch.testing.assert_close(lm.detach(), none_loss, rtol=0, atol=0)
     _assert_same_grads({n: p.grad for n, p in model.named_parameters()}, none_grads)

@@ -41,7 +41,7 @@ def test_meta_device_builds_without_initialising():
 
 
 def test_bad_layout_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"num_experts \(6\) is not divisible"):
+    with pytest.raises(ConfigError, match=r"--num-experts \(6\) is not divisible"):
         GroupedExperts(6, 8, 16, ep_size=4)
 
 

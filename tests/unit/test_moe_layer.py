@@ -1,17 +1,18 @@
-"""MoELayer on one process: none == no compressor, shapes, edge cases, cast, stats, config."""
+"""MoELayer on one process: none == the plain MoE sum, shapes, edge cases, cast, stats, config."""
 import pytest
 import torch
 
 from megatron_lsh.config import ConfigError, MoEConfig
-from megatron_lsh.moe import MoELayer, NoCompression
-from megatron_lsh.moe.dispatcher import AllToAllDispatcher
+from megatron_lsh.moe import MoELayer
+from megatron_lsh.moe.compressors import compression
+from megatron_lsh.moe.compressors.none import NoCompression
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
 
 HIDDEN, FFN = 16, 32
 
 
-def _layer(**cfg):
-    args = dict(num_experts=4, router_topk=2)
+def _layer(compressor="none", options=None, **cfg):
+    args = dict(num_experts=4, router_topk=2, **compression(compressor, **(options or {})))
     args.update(cfg)
     return MoELayer(MoEConfig(**args), HIDDEN, FFN, ProcessGroups.single(), seed=11)
 
@@ -26,16 +27,33 @@ def _run(layer, x, seed=0):
     return y.detach(), x.grad, grads, losses
 
 
-def test_none_compressor_is_bitwise_the_dispatcher_without_compressor():
+def test_none_compressor_is_the_plain_gate_weighted_sum_of_expert_outputs():
+    """Reference written token by token: out_t = sum_j g_tj * expert_{e_tj}(x_t)."""
     layer = _layer(z_loss_coeff=1e-3)
-    x = torch.randn(7, 3, HIDDEN)
-    with_none = _run(layer, x)
-    layer.dispatcher = AllToAllDispatcher(4, None, None)
-    without = _run(layer, x)
     assert isinstance(layer.compressor, NoCompression)
-    assert torch.equal(with_none[0], without[0]) and torch.equal(with_none[1], without[1])
-    for name in with_none[2]:
-        assert torch.equal(with_none[2][name], without[2][name]), name
+    x = torch.randn(7, 3, HIDDEN)
+    got = _run(layer, x)
+
+    def reference(x_in):
+        x_TH = x_in.reshape(-1, HIDDEN)
+        routing = layer.router(x_TH)
+        outputs = []
+        for t in range(x_TH.shape[0]):
+            out = 0.0
+            for j in range(2):
+                counts = [0] * 4
+                counts[int(routing.experts_TK[t, j])] = 1
+                out = out + routing.gates_TK[t, j] * layer.experts(x_TH[t:t + 1], counts)[0]
+            outputs.append(out)
+        losses = {"aux_loss": routing.aux_loss, "z_loss": routing.z_loss}
+        return torch.stack(outputs).reshape(x_in.shape), losses
+
+    layer.forward = reference
+    want = _run(layer, x)
+    assert torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+    for name in got[2]:
+        assert torch.allclose(got[2][name], want[2][name], rtol=1e-6, atol=1e-6), name
 
 
 def test_sbh_and_flat_inputs_give_the_same_tokens():
@@ -83,7 +101,7 @@ def test_capacity_dropped_rows_contribute_nothing():
 def test_cast_is_close_to_none_and_sends_fewer_bytes(cast_dtype, tol, byte_ratio):
     x = torch.randn(50, HIDDEN)
     ref = _run(_layer(), x)
-    layer = _layer(a2a_compression="cast", cast_dtype=cast_dtype)
+    layer = _layer("cast", {"dtype": cast_dtype})
     got = _run(layer, x)
     scale = ref[0].abs().max()
     assert (got[0] - ref[0]).abs().max() < tol * scale
@@ -94,15 +112,15 @@ def test_cast_is_close_to_none_and_sends_fewer_bytes(cast_dtype, tol, byte_ratio
 
 
 def test_stats_of_an_lsh_layer():
-    layer = _layer(a2a_compression="lsh", lsh_num_hashes=2, lsh_rotation_dim=1)
+    layer = _layer("lsh", {"num_hashes": 2, "rotation_dim": 1})
     layer.timing = True
     y, _, _, _ = _run(layer, torch.randn(64, HIDDEN))
     stats = layer.last_stats
     assert stats.tokens == 64 and stats.rows == 128
-    assert 0 < stats.centroids < stats.rows
-    assert stats.compression_rate == stats.centroids / stats.rows
+    assert 0 < stats.sent_rows < stats.rows
+    assert stats.compression_rate == stats.sent_rows / stats.rows
     row_bytes = 4 * HIDDEN
-    assert stats.bytes_fwd_total == 2 * stats.centroids * row_bytes    # one process: no counts
+    assert stats.bytes_fwd_total == 2 * stats.sent_rows * row_bytes    # one process: no counts
     assert stats.bytes_fwd == stats.bytes_bwd == 0                     # nothing leaves the rank
     assert 0.0 < stats.mean_cosine < 1.0
     for stage in ("hash", "cluster", "restore", "experts", "compress_bwd", "restore_bwd",
@@ -110,7 +128,7 @@ def test_stats_of_an_lsh_layer():
         assert stats.ms[stage] >= 0.0, stage
     assert stats.overhead_ms > 0.0 and stats.overhead_cpu_ms >= 0.0
     assert set(stats.cpu_ms) == set(stats.ms)
-    assert set(stats.as_dict()) >= {"rows", "centroids", "compression_rate", "bytes_fwd",
+    assert set(stats.as_dict()) >= {"rows", "sent_rows", "compression_rate", "bytes_fwd",
                                     "bytes_bwd", "mean_cosine", "ms"}
 
 
@@ -142,6 +160,6 @@ def test_meta_device_layer_and_reset_after_to_empty():
 def test_experts_not_divisible_by_ep_is_one_clear_error():
     groups = ProcessGroups(ParallelDims(4, ep=4), 0, None, None, None, None, None, None, None,
                            [0], [0])
-    with pytest.raises(ConfigError, match=r"num_experts \(6\) is not divisible by "
-                                          r"expert-model-parallel-size \(4\)"):
+    with pytest.raises(ConfigError, match=r"--num-experts \(6\) is not divisible by "
+                                          r"--expert-model-parallel-size \(4\)"):
         MoELayer(MoEConfig(num_experts=6), HIDDEN, FFN, groups)

@@ -86,7 +86,7 @@ def test_same_seed_same_weights_and_meta_device_skips_init():
 
 
 def test_bad_topk_is_one_clear_error():
-    with pytest.raises(ConfigError, match="moe_router_topk"):
+    with pytest.raises(ConfigError, match="--moe-router-topk"):
         _router(topk=5)
 
 
@@ -101,8 +101,8 @@ def test_extra_columns_share_the_router_matmul_without_changing_gradients():
         results.append((routing, x.grad, router.weight.grad.clone()))
         router.zero_grad()
     (plain, dx, dw), (fused, fdx, fdw) = results
-    assert plain.projections_TX is None
-    assert torch.allclose(fused.projections_TX, x.detach() @ extra, atol=1e-6)
+    assert plain.columns_TQ is None
+    assert torch.allclose(fused.columns_TQ, x.detach() @ extra, atol=1e-6)
     assert torch.equal(plain.experts_TK, fused.experts_TK)
     assert torch.allclose(plain.gates_TK, fused.gates_TK, atol=1e-6)
     assert torch.allclose(dx, fdx, atol=1e-6) and torch.allclose(dw, fdw, atol=1e-6)

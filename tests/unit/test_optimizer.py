@@ -11,8 +11,8 @@ from megatron_lsh.parallel.data_parallel import DistributedDataParallel, finish_
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.grad_norm import clip_grad_norm, get_grad_norm
 from megatron_lsh.parallel.loss_scaler import ConstantLossScaler, DynamicLossScaler
-from megatron_lsh.parallel.optimizer import (MixedPrecisionOptimizer, build_optimizer,
-                                             weight_decay_groups)
+from megatron_lsh.parallel.optimizer import MixedPrecisionOptimizer, weight_decay_groups
+from megatron_lsh.parallel.optimizer_factory import build_optimizer
 
 SINGLE = ProcessGroups.single()
 

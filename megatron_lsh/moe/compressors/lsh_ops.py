@@ -1,6 +1,6 @@
-"""Pure functions of the LSH compression path (DESIGN.md section 4, steps 3 and 7).
+"""Pure functions of the LSH compression path (docs/ARCHITECTURE.md, steps 3 and 7).
 
-* :func:`draw_rotations`: the ``L`` random ``d x m`` rotations, stacked as one ``[d, L*m]``
+* :func:`draw_rotations`: the ``L`` random ``H x m`` rotations, stacked as one ``[H, L*m]``
   matrix so that hashing every row for every function is a single matmul.
 * :func:`hash_codes` / :func:`codes_from_projections`: cross-polytope codes
   ``h_l(x) = argmax [R_l x, -R_l x]`` (2m values per function), or spherical-plane codes (the
@@ -19,10 +19,19 @@
   ``grad / n`` of its cluster) and the rebuild ``y = x + (E(c) - c)`` with residual
   compensation (paper Eq. 4-5), or ``y = E(c)`` without. It is computed as
   ``y = x * multi + delta`` (:func:`compensated_delta`): a singleton cluster (c == x) yields
-  ``E(c)`` directly, so it matches the uncompressed path bit for bit, and with an identity
-  expert every row comes back exactly (``x + (c - c) = x``).
+  ``E(c)`` directly, and with an identity expert every row comes back exactly
+  (``x + (c - c) = x``). When every row is its own cluster the layer therefore equals the
+  uncompressed path: bit for bit if the hash projections are computed on their own, and to
+  rounding (about 1e-8 in fp32) when they come out of the router's fused matmul, whose wider
+  product rounds the router logits differently.
+* :func:`secant_slopes`: scaled compensation ``y = E(c) + alpha_e (x - c)``. Residual
+  compensation assumes the expert's Jacobian is the identity; ``alpha_e`` estimates the
+  expert's mean slope along the directions rows differ in, from what the sender already
+  holds: pairs of its own centroids of one expert (each with its nearest neighbour) and their
+  returned outputs, ``alpha_e = sum <E(c_i) - E(c_j), c_i - c_j> / sum |c_i - c_j|^2``,
+  clamped to [0, 1] and used as a constant (no gradient through it).
 
-Legend: R rows, H hidden (d), L hash functions, m rotation dim, C clusters (centroids),
+Legend: R rows, H hidden, L hash functions, m rotation dim, C clusters (centroids),
 E experts, W code columns.
 """
 from __future__ import annotations
@@ -67,7 +76,7 @@ def codes_from_projections(projections_RX: torch.Tensor, num_hashes: int, rotati
                            hash_type: str = "cross_polytope") -> tuple[torch.Tensor, list[int]]:
     """Codes ``[R, W]`` and radices from the projections ``x @ R_all`` (``X = L * m``)."""
     if hash_type not in HASH_TYPES:
-        raise ConfigError(f"moe_lsh_hash_type must be one of {list(HASH_TYPES)}, "
+        raise ConfigError(f"--moe-lsh-hash-type must be one of {list(HASH_TYPES)}, "
                           f"got {hash_type!r}")
     rows, m = projections_RX.shape[0], rotation_dim
     proj_RLm = projections_RX.detach().view(rows, num_hashes, m)
@@ -192,15 +201,61 @@ def segment_mean(x_RH: torch.Tensor, clusters: Clusters) -> torch.Tensor:
 
 
 def compensated_delta(expert_out_CH: torch.Tensor, centroids_CH: torch.Tensor,
-                      clusters: Clusters) -> tuple[torch.Tensor, torch.Tensor]:
+                      clusters: Clusters, scale_C: torch.Tensor = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(delta_CH, multi_C)`` such that a row's output is ``x * multi + delta``.
 
-    ``delta = E(c) - c`` for clusters of two or more rows and ``E(c)`` for singletons
-    (``multi`` is 1 and 0 respectively). A singleton's row is then exactly ``E(c)`` (c == x),
-    and with an identity expert every row comes back exactly (``x * 1 + (c - c) = x``).
+    ``delta = E(c) - s c`` for clusters of two or more rows and ``E(c)`` for singletons
+    (``multi`` is ``s`` and 0 respectively), with ``s = scale_C`` (1 when None: residual
+    compensation). A singleton's row is then exactly ``E(c)`` (c == x), and with an identity
+    expert and s = 1 every row comes back exactly (``x * 1 + (c - c) = x``).
     """
     multi_C = (clusters.rows_per_cluster > 1).to(expert_out_CH.dtype)
+    if scale_C is not None:
+        multi_C = multi_C * scale_C.to(multi_C.dtype)
     return expert_out_CH - centroids_CH * multi_C.unsqueeze(1), multi_C
+
+
+def expert_of_cluster(clusters: Clusters) -> torch.Tensor:
+    """``[C]`` the expert of each cluster (clusters are sorted by expert)."""
+    per_expert_E = clusters.centroids_per_expert
+    return torch.repeat_interleave(torch.arange(per_expert_E.numel(), device=per_expert_E.device),
+                                   per_expert_E)
+
+
+def secant_slopes(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
+                  expert_C: torch.Tensor, num_experts: int, max_pairs: int = 256
+                  ) -> torch.Tensor:
+    """``[E]`` mean slope of each expert along the directions its rows differ in (no grad).
+
+    Up to ``max_pairs`` evenly spaced centroids are each paired with their nearest other
+    centroid of the same expert; ``alpha_e = sum <dE, dc> / sum |dc|^2`` over expert e's
+    pairs, clamped to [0, 1]; 0 for an expert with fewer than two clusters.
+    """
+    with torch.no_grad():
+        num = centroids_CH.shape[0]
+        acc = torch.promote_types(centroids_CH.dtype, torch.float32)
+        alpha_E = centroids_CH.new_zeros(num_experts, dtype=acc)
+        if num < 2:
+            return alpha_E
+        c_CH, y_CH = centroids_CH.to(acc), expert_out_CH.to(acc)
+        pick_S = torch.linspace(0, num - 1, min(num, max_pairs), device=c_CH.device).long()
+        c_SH = c_CH.index_select(0, pick_S)
+        dist_SC = (c_SH.square().sum(1, keepdim=True) - 2 * c_SH @ c_CH.t()
+                   + c_CH.square().sum(1).unsqueeze(0))
+        other = expert_C.index_select(0, pick_S).unsqueeze(1) != expert_C.unsqueeze(0)
+        dist_SC = dist_SC.masked_fill(other, float("inf"))
+        dist_SC[torch.arange(pick_S.numel(), device=c_CH.device), pick_S] = float("inf")
+        near_S = dist_SC.argmin(1)
+        valid_S = torch.isfinite(dist_SC.gather(1, near_S.unsqueeze(1)).squeeze(1))
+        dc_SH = c_SH - c_CH.index_select(0, near_S)
+        dy_SH = y_CH.index_select(0, pick_S) - y_CH.index_select(0, near_S)
+        expert_S = expert_C.index_select(0, pick_S)
+        num_E = alpha_E.index_add(
+            0, expert_S, torch.where(valid_S, (dy_SH * dc_SH).sum(1), 0.0))
+        den_E = torch.zeros_like(alpha_E).index_add(
+            0, expert_S, torch.where(valid_S, dc_SH.square().sum(1), 0.0))
+        return torch.where(den_E > 0, num_E / den_E.clamp_min(1e-30), 0.0).clamp(0.0, 1.0)
 
 
 def restore(x_RH: torch.Tensor, centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
@@ -212,6 +267,49 @@ def restore(x_RH: torch.Tensor, centroids_CH: torch.Tensor, expert_out_CH: torch
     delta_CH, multi_C = compensated_delta(expert_out_CH, centroids_CH, clusters)
     multi_R1 = multi_C.index_select(0, cluster_of_row).unsqueeze(1)
     return torch.addcmul(delta_CH.index_select(0, cluster_of_row), x_RH, multi_R1)
+
+
+def gather_slots(delta_CH: torch.Tensor, cluster_TK: torch.Tensor, gate_TK: torch.Tensor,
+                 num_clusters: int) -> torch.Tensor:
+    """``out_t = sum_j gate_tj * delta[cluster_tj]`` over the top-k slots, ``[T, H]``.
+
+    One gather per slot, no row-sized tensor. Unused slots point at the dummy cluster C;
+    their gate is 0, so any row will do. With no clusters at all the result is a zero
+    tensor that is still connected to ``delta_CH`` (so every rank's backward looks alike).
+    """
+    num_tokens = cluster_TK.shape[0]
+    if num_clusters == 0:
+        return delta_CH.new_zeros((num_tokens, delta_CH.shape[1])).index_add(
+            0, cluster_TK.new_zeros(0), delta_CH)
+    index_TK = cluster_TK.clamp(max=num_clusters - 1)
+    out_TH = None
+    for j in range(cluster_TK.shape[1]):
+        term_TH = (delta_CH.index_select(0, index_TK[:, j])
+                   * gate_TK[:, j].to(delta_CH.dtype).unsqueeze(1))
+        out_TH = term_TH if out_TH is None else out_TH + term_TH
+    return out_TH
+
+
+class AddScaledTokens(torch.autograd.Function):
+    """``base + x * w[:, None]`` with a backward that needs no token-sized temporary for ``w``.
+
+    (Autograd's own ``addcmul`` backward materialises ``grad * x`` before reducing it.)
+    """
+
+    @staticmethod
+    def forward(ctx, base_TH, x_TH, w_T):
+        ctx.save_for_backward(x_TH, w_T)
+        return torch.addcmul(base_TH, x_TH, w_T.to(x_TH.dtype).unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        x_TH, w_T = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_x = grad_TH * w_T.to(grad_TH.dtype).unsqueeze(1)
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.linalg.vecdot(grad_TH, x_TH).to(w_T.dtype)
+        return grad_TH, grad_x, grad_w
 
 
 def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
@@ -230,3 +328,20 @@ def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: 
         x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S))
         cos_S = torch.nn.functional.cosine_similarity(x_SH.float(), c_SH.float(), dim=-1)
         return cos_S.mean()
+
+
+def residual_energy(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
+                    clusters: Clusters, max_rows: int = 2048) -> torch.Tensor:
+    """Relative residual energy ``sum |x - c|^2 / sum |x|^2`` of rows to their centroids (0-dim).
+
+    Unlike the mean cosine it is not inflated by a direction all rows share. Sampled like
+    :func:`mean_cosine`; no autograd.
+    """
+    with torch.no_grad():
+        rows = token_of_row_R.shape[0]
+        if rows == 0:
+            return torch.zeros((), device=x_TH.device)
+        idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
+        c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
+        x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S)).float()
+        return (x_SH - c_SH.float()).square().sum() / x_SH.square().sum().clamp_min(1e-30)
