@@ -25,10 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "none": ["--moe-a2a-compression", "none"],
-    "lsh": ["--moe-a2a-compression", "lsh"],
+    "lsh": ["--moe-a2a-compression", "lsh", "--moe-lsh-compensation", "residual"],
     "lsh-nocomp": ["--moe-a2a-compression", "lsh", "--moe-lsh-no-compensation"],
-    "lsh-m2": ["--moe-a2a-compression", "lsh", "--moe-lsh-rotation-dim", "2"],
-    "lsh-L10": ["--moe-a2a-compression", "lsh", "--moe-lsh-num-hashes", "10"],
+    "lsh-m2": ["--moe-a2a-compression", "lsh", "--moe-lsh-rotation-dim", "2",
+               "--moe-lsh-compensation", "residual"],
+    "lsh-L10": ["--moe-a2a-compression", "lsh", "--moe-lsh-num-hashes", "10",
+                "--moe-lsh-compensation", "residual"],
     "cast-bf16": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "bf16"],
     "cast-fp8": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"],
 }

@@ -102,13 +102,6 @@ def seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (deterministic, no Python hash randomisation)."""
-    value = 0x2545F4914F6CDD1D
-    for part in parts:
-        value = (value * 0x9E3779B97F4A7C15 + int(part) + 0x632BE59BD9B4E019) % (2 ** 64)
-        value ^= value >> 29
-    return value % (2 ** 63)
 
 
 class RNGStatesTracker:

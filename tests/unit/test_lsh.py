@@ -160,15 +160,16 @@ def test_identity_expert_with_compensation_restores_rows_exactly():
     assert torch.equal(_restore(payload.clone(), context), x)
 
 
-def test_fused_combine_equals_restore_then_weighted_sum():
+@pytest.mark.parametrize("compensation", ["residual", "none"])
+def test_fused_combine_equals_restore_then_weighted_sum(compensation):
     x, experts = _sorted_rows(120, 8, 3, seed=4)
     gates = torch.rand(120)
     rows = _rows(x, experts, 3, gates)
-    comp = _lsh(8, 3, num_hashes=3, rotation_dim=1)
+    comp = _lsh(8, 3, num_hashes=3, rotation_dim=1, compensation=compensation)
     payload, _, context = comp.compress(rows, StageTimer(False))
     expert_out = torch.tanh(payload * 3.0)
     fused = comp.combine(expert_out, context, rows, StageTimer(False))
-    reference = weighted_sum_into_tokens(_restore(expert_out, context), rows)
+    reference = weighted_sum_into_tokens(_restore(expert_out, context, compensation), rows)
     assert torch.allclose(fused, reference, atol=1e-6)
 
 

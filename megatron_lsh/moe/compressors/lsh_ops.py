@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lsh.config import ConfigError
+from megatron_lsh.moe.compressors.clustering import canonical_numbering
 
 HASH_TYPES = ("cross_polytope", "spherical_plane")
 _PACK_LIMIT = 2 ** 62          # keys stay below this: int64 with room to spare
@@ -147,21 +148,9 @@ def cluster_rows(expert_of_row_R: torch.Tensor, codes_RW: torch.Tensor, radices:
     ``expert_of_row_R`` must be sorted (the dispatcher permutes rows by expert first), so the
     clusters, and hence the centroids, come out sorted by expert.
     """
-    rows = expert_of_row_R.shape[0]
-    device = expert_of_row_R.device
     columns_RW = torch.cat([expert_of_row_R.view(-1, 1), codes_RW], dim=1)
-    ids_R, num = bucket_ids(columns_RW, [max(num_experts, 1)] + list(radices))
-    row_index_R = torch.arange(rows, device=device)
-    first_row_C = torch.full((num,), rows, dtype=torch.int64, device=device)
-    first_row_C.scatter_reduce_(0, ids_R, row_index_R, reduce="amin")
-    order_C = torch.argsort(first_row_C)
-    new_id_C = torch.empty_like(order_C)
-    new_id_C[order_C] = torch.arange(num, device=device)
-    cluster_of_row = new_id_C[ids_R]
-    rows_per_cluster = torch.bincount(cluster_of_row, minlength=num)
-    expert_of_cluster = expert_of_row_R[first_row_C[order_C]]
-    centroids_per_expert = torch.bincount(expert_of_cluster, minlength=num_experts)
-    return Clusters(cluster_of_row, rows_per_cluster, centroids_per_expert)
+    ids_R, _ = bucket_ids(columns_RW, [max(num_experts, 1)] + list(radices))
+    return Clusters(*canonical_numbering(ids_R, expert_of_row_R, num_experts))
 
 
 def cluster_of_slot(clusters: Clusters, slot_of_row_R: torch.Tensor, num_tokens: int,
@@ -312,6 +301,17 @@ class AddScaledTokens(torch.autograd.Function):
         return grad_TH, grad_x, grad_w
 
 
+def _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows):
+    """(rows, their centroids) in fp32 for up to ``max_rows`` evenly spaced rows; None if none."""
+    rows = token_of_row_R.shape[0]
+    if rows == 0:
+        return None
+    idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
+    c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
+    x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S))
+    return x_SH.float(), c_SH.float()
+
+
 def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
                 clusters: Clusters, max_rows: int = 2048) -> torch.Tensor:
     """Mean cosine similarity of rows (``x_TH[token_of_row]``) to their centroids (0-dim).
@@ -320,14 +320,10 @@ def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: 
     rows, so the statistic stays cheap next to the layer. No autograd.
     """
     with torch.no_grad():
-        rows = token_of_row_R.shape[0]
-        if rows == 0:
+        sample = _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows)
+        if sample is None:
             return torch.ones((), device=x_TH.device)
-        idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
-        c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
-        x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S))
-        cos_S = torch.nn.functional.cosine_similarity(x_SH.float(), c_SH.float(), dim=-1)
-        return cos_S.mean()
+        return torch.nn.functional.cosine_similarity(*sample, dim=-1).mean()
 
 
 def residual_energy(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
@@ -338,10 +334,8 @@ def residual_energy(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_
     :func:`mean_cosine`; no autograd.
     """
     with torch.no_grad():
-        rows = token_of_row_R.shape[0]
-        if rows == 0:
+        sample = _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows)
+        if sample is None:
             return torch.zeros((), device=x_TH.device)
-        idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
-        c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
-        x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S)).float()
-        return (x_SH - c_SH.float()).square().sum() / x_SH.square().sum().clamp_min(1e-30)
+        x_SH, c_SH = sample
+        return (x_SH - c_SH).square().sum() / x_SH.square().sum().clamp_min(1e-30)

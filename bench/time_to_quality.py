@@ -1,0 +1,203 @@
+"""The paper's Figure 6 on the emulated cluster: validation loss against wall-clock time.
+
+Trains the small GPT-MoE / RoBERTa-MoE of ``bench/trainer_runs.py`` (6 layers, d 128, 8 experts
+on every 2nd layer, top-2) on 4 ranks in 2 emulated nodes (``bench/netns.py``: one network
+namespace per node, tbf-limited NICs) at a bandwidth where the dense all-to-all is about 45%
+of the step, once per compressor (dense, LSH with and without compensation, the target-rate
+LSH, cast fp8), and reports:
+
+* validation loss against training wall-clock time (the sum of the iterations' times, so the
+  validation passes themselves do not count), Gaussian-smoothed with sigma 0.5 validation
+  points, as the paper plots it;
+* the speedup to reach the dense run's final (smoothed) validation loss: the dense run's
+  time to it over the variant's first time at or below it (linear interpolation between
+  validation points); "not reached" when a variant never gets there.
+
+Needs root (network namespaces). Each run takes 10-20 minutes on 2 cores; ``--quick`` trains
+two variants for a few iterations to check the plumbing. Prints a table, writes
+``time_to_quality.json`` and ``time_to_quality.png`` under ``--out``.
+
+    sudo .venv/bin/python bench/time_to_quality.py --quick
+    sudo .venv/bin/python bench/time_to_quality.py --model gpt --bandwidth 60
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emulated_cluster import launch  # noqa: E402
+from netns import EmulatedCluster, NetnsError  # noqa: E402
+from trainer_runs import MODELS, REPO, SMALL_SHAPE, VALID_RE, data_ready  # noqa: E402
+
+LSH = ["--moe-a2a-compression", "lsh"]
+VARIANTS = {
+    "none": ["--moe-a2a-compression", "none"],
+    "lsh": LSH + ["--moe-lsh-compensation", "residual"],
+    "lsh-nocomp": LSH + ["--moe-lsh-compensation", "none"],
+    "target-0.1-scaled": LSH + ["--moe-lsh-target-rate", "0.1", "--moe-lsh-num-hashes", "0",
+                                "--moe-lsh-compensation", "scaled"],
+    "cast-fp8": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"],
+}
+
+
+def smooth(values: list, sigma: float = 0.5) -> list:
+    """Gaussian smoothing over neighbouring points (sigma in points), edges renormalised."""
+    if sigma <= 0:
+        return list(values)
+    out = []
+    for i in range(len(values)):
+        weights = [math.exp(-0.5 * ((j - i) / sigma) ** 2) for j in range(len(values))]
+        out.append(sum(w * v for w, v in zip(weights, values)) / sum(weights))
+    return out
+
+
+def time_to_reach(times: list, losses: list, target: float) -> Optional[float]:
+    """First time the loss curve is at or below ``target`` (linear interpolation), or None."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return times[0]
+            t0, t1, l0, l1 = times[i - 1], times[i], losses[i - 1], losses[i]
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - loss) if l0 != loss else t1
+    return None
+
+
+def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
+    """Train one (model, variant) on the cluster; curve of (seconds, valid loss); cached."""
+    run_dir = args.out / "runs" / f"{model}-{name}-{args.bandwidth:g}mbit-it{args.iters}"
+    cache = run_dir / "result.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    data, tok = args.data_dir, args.tokenizer_dir
+    trainer_args = [
+        "--model-recipe", spec["recipe"], *SMALL_SHAPE, "--expert-model-parallel-size",
+        str(args.nproc), "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+        "--train-data-path", str(data / f"train_{spec['level']}"),
+        "--valid-data-path", str(data / f"valid_{spec['level']}"),
+        "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tok / "vocab.json"),
+        "--merge-file", str(tok / "merges.txt"), "--data-cache-path", str(args.out / "index-cache"),
+        "--micro-batch-size", "4", "--global-batch-size", str(4 * args.nproc),
+        "--train-iters", str(args.iters), "--lr", "2e-3", "--min-lr", "2e-4",
+        "--lr-warmup-iters", str(max(1, args.iters // 20)), "--clip-grad", "1.0",
+        "--eval-interval", str(args.eval_interval), "--eval-iters", "16", "--log-interval", "50",
+        "--seed", "1", "--metrics-jsonl", str(metrics), "--timing-log-level", "1",
+        "--distributed-backend", "gloo", *VARIANTS[name]]
+    cluster.set_bandwidth(args.bandwidth or None)
+    print(f"[{time.strftime('%H:%M:%S')}] {model}/{name} at {args.bandwidth:g} Mbit/s ...",
+          file=sys.stderr, flush=True)
+    logs = [log.read_text(errors="replace") for log in launch(
+        cluster, [str(args.code_dir / spec["script"]), *trainer_args], run_dir,
+        nproc=args.nproc, port=port, timeout=args.run_timeout, code_dir=args.code_dir)]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    valid = [(int(i), float(v)) for log in logs for i, v in VALID_RE.findall(log)]
+    elapsed, total = {0: 0.0}, 0.0
+    for r in rows:
+        total += r["ms_per_iter"] / 1e3
+        elapsed[r["iteration"]] = total
+    shares = [r["timers"]["moe_a2a"] / r["ms_per_iter"] for r in rows[len(rows) // 10:]]
+    result = {"model": model, "variant": name, "bandwidth_mbit": args.bandwidth,
+              "curve": [(elapsed[i], v) for i, v in sorted(valid)],
+              "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
+              "a2a_share": sorted(shares)[len(shares) // 2] if shares else float("nan")}
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    """Train every (model, variant), print the speedups, write JSON and PNG."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["gpt", "roberta"])
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--bandwidth", type=float, default=40.0,
+                   help="Mbit/s per node NIC, each direction (default puts the small GPT-MoE's "
+                        "dense all-to-all near 45%% of the step on this machine)")
+    p.add_argument("--iters", type=int, default=600)
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--run-timeout", type=float, default=7200)
+    p.add_argument("--data-dir", type=Path, default=REPO / "data/shakespeare")
+    p.add_argument("--tokenizer-dir", type=Path, default=REPO / "data/tokenizer")
+    p.add_argument("--code-dir", type=Path, default=REPO,
+                   help="the checkout to run (a frozen copy keeps a long run independent of edits)")
+    p.add_argument("--out", type=Path, default=REPO / "bench/out/time_to_quality")
+    p.add_argument("--quick", action="store_true", help="none and lsh, 20 iterations")
+    args = p.parse_args()
+    if args.quick:
+        args.model, args.variants, args.iters, args.eval_interval = ["gpt"], ["none", "lsh"], 20, 10
+    for model in args.model:
+        problem = data_ready(model, args.data_dir)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+    results = []
+    try:
+        with EmulatedCluster(nodes=args.nodes, bandwidth_mbit=args.bandwidth or None) as cluster:
+            port = 29600
+            for model in args.model:
+                for name in args.variants:
+                    port += 1
+                    results.append(run_variant(cluster, args, model, name, port))
+    except NetnsError as error:
+        raise SystemExit(f"error: {error}")
+    report = summarize(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "time_to_quality.json").write_text(json.dumps(report, indent=1))
+    plot(results, args.out / "time_to_quality.png")
+    print(f"\n{'model':8s} {'variant':20s} {'a2a%':>5s} {'ms/iter':>8s} {'final valid':>11s} "
+          f"{'s to dense final':>16s} {'speedup':>8s}")
+    for r in report["rows"]:
+        reach = f"{r['seconds_to_target']:16.0f}" if r["seconds_to_target"] else f"{'not reached':>16s}"
+        speed = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8s}"
+        print(f"{r['model']:8s} {r['variant']:20s} {100 * r['a2a_share']:5.1f} "
+              f"{r['ms_per_iter']:8.0f} {r['final_valid']:11.4f} {reach} {speed}")
+
+
+def summarize(results: list) -> dict:
+    """Speedup of every run to its model's dense final smoothed validation loss."""
+    rows = []
+    for r in results:
+        dense = next(d for d in results if d["model"] == r["model"] and d["variant"] == "none")
+        d_times, d_losses = zip(*dense["curve"])
+        target = smooth(list(d_losses))[-1]
+        times, losses = zip(*r["curve"])
+        reach = time_to_reach(list(times), smooth(list(losses)), target)
+        dense_reach = time_to_reach(list(d_times), smooth(list(d_losses)), target)
+        rows.append({"model": r["model"], "variant": r["variant"], "a2a_share": r["a2a_share"],
+                     "ms_per_iter": r["ms_per_iter"], "final_valid": losses[-1],
+                     "target": target, "seconds_to_target": reach,
+                     "speedup": dense_reach / reach if reach else None})
+    return {"rows": rows, "runs": results}
+
+
+def plot(results: list, path: Path) -> None:
+    """Smoothed validation loss against training wall-clock, one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r["model"] for r in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in results:
+            if r["model"] == model and r["curve"]:
+                times, losses = zip(*r["curve"])
+                ax.plot([t / 60 for t in times], smooth(list(losses)), marker=".",
+                        label=r["variant"])
+        ax.set(title=f"{model.upper()}-MoE small, {results[0]['bandwidth_mbit']:g} Mbit/s per node",
+               xlabel="training wall-clock (min)", ylabel="validation loss (smoothed)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Shared by the quality benchmarks: train a small MoE model with the real trainer, read results.
+
+One function, :func:`train`, runs ``pretrain_{gpt,roberta}_moe.py`` under torchrun (gloo,
+4 processes, EP=4 by default) on the preprocessed Shakespeare corpus that
+``examples/quickstart.sh`` prepares, and returns the per-iteration metrics (``--metrics-jsonl``)
+and the validation curve (parsed from the log). The model shapes are the "small" recipes the
+quality claims are made on: 6 layers, d 128, ffn 512, 8 experts on every 2nd layer, top-2,
+sequence 128 (big enough that the MoE layers matter, small enough for a 2-core CPU).
+
+Results are cached as JSON per (model, variant, seed, iterations) under the output folder, so
+a long sweep can be interrupted and resumed, and finished points are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+VALID_RE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.Ee+-]+)")
+
+SMALL_SHAPE = ["--num-layers", "6", "--hidden-size", "128", "--ffn-hidden-size", "512",
+               "--num-attention-heads", "4", "--seq-length", "128",
+               "--max-position-embeddings", "128", "--num-experts", "8",
+               "--moe-layer-freq", "2", "--moe-router-topk", "2"]
+MODELS = {
+    "gpt": dict(script="pretrain_gpt_moe.py", recipe="tiny-gpt-moe", level="text_document",
+                extra=[]),
+    "roberta": dict(script="pretrain_roberta_moe.py", recipe="tiny-roberta-moe",
+                    level="text_sentence", extra=[]),
+}
+
+
+def data_ready(model: str, data_dir: Path) -> Optional[str]:
+    """None when the model's preprocessed data exists, else one sentence saying what to run."""
+    level = MODELS[model]["level"]
+    for split in ("train", "valid"):
+        if not (data_dir / f"{split}_{level}.idx").exists():
+            hint = ("bash examples/quickstart.sh" if level == "text_document" else
+                    "tools/preprocess_data.py ... --split-sentences (see bench/README.md)")
+            return f"{data_dir}/{split}_{level}.idx is missing: prepare it with {hint}"
+    return None
+
+
+def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Optional[dict]:
+    """The cached result of a finished run, or None."""
+    cache = out_dir / f"{model}-{name}-seed{seed}-it{iters}.json"
+    return json.loads(cache.read_text()) if cache.exists() else None
+
+
+def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir: Path,
+          data_dir: Path, tokenizer_dir: Path, nproc: int = 4, micro_batch: int = 4,
+          eval_interval: int = 100, eval_iters: int = 16, lr: float = 2e-3,
+          timeout: float = 3600) -> dict:
+    """Train ``model`` with compressor ``flags``; cached result dict (see the module docstring)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = f"{model}-{name}-seed{seed}-it{iters}"
+    cache = out_dir / f"{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    spec = MODELS[model]
+    metrics = out_dir / f"{key}.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(REPO / spec["script"]),
+           "--model-recipe", spec["recipe"], *SMALL_SHAPE,
+           "--expert-model-parallel-size", str(nproc), "--hidden-dropout", "0.0",
+           "--attention-dropout", "0.0",
+           "--train-data-path", str(data_dir / f"train_{spec['level']}"),
+           "--valid-data-path", str(data_dir / f"valid_{spec['level']}"),
+           "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+           str(tokenizer_dir / "vocab.json"), "--merge-file", str(tokenizer_dir / "merges.txt"),
+           "--data-cache-path", str(out_dir / "index-cache"),
+           "--micro-batch-size", str(micro_batch), "--global-batch-size",
+           str(micro_batch * nproc), "--train-iters", str(iters), "--lr", str(lr),
+           "--min-lr", str(lr / 10), "--lr-warmup-iters", str(max(1, iters // 20)),
+           "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--eval-interval",
+           str(eval_interval), "--eval-iters", str(eval_iters), "--log-interval", "50",
+           "--seed", str(seed), "--metrics-jsonl", str(metrics),
+           "--distributed-backend", "gloo", *spec["extra"], *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    print(f"[{time.strftime('%H:%M:%S')}] training {key} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{key} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    valid = [(int(i), float(v)) for i, v in VALID_RE.findall(proc.stdout)]
+    result = {"model": model, "variant": name, "flags": flags, "seed": seed, "iters": iters,
+              "wall_s": time.perf_counter() - start, "valid": valid,
+              "train": [(r["iteration"], r["lm_loss"]) for r in rows],
+              "bytes_per_iter": sum(sum(layer["bytes_fwd"] + layer["bytes_bwd"]
+                                        for layer in r["moe"]) for r in rows) / len(rows),
+              "compression_rate": sum(sum(layer["compression_rate"] for layer in r["moe"])
+                                      / max(len(r["moe"]), 1) for r in rows) / len(rows),
+              "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
+              "extra": _layer_means(rows)}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cache)
+    print(f"[{time.strftime('%H:%M:%S')}] {key}: valid {valid[-1][1]:.4f}, rate "
+          f"{result['compression_rate']:.3f}, {result['wall_s']:.0f} s", file=sys.stderr,
+          flush=True)
+    return result
+
+
+def _layer_means(rows: list) -> dict:
+    """Means over iterations and MoE layers of every other numeric per-layer statistic."""
+    sums: dict = {}
+    for r in rows:
+        for layer in r["moe"]:
+            for k, v in layer.items():
+                if isinstance(v, (int, float)) and k not in ("bytes_fwd", "bytes_bwd"):
+                    sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
