@@ -112,7 +112,7 @@ def test_cast_is_close_to_none_and_sends_fewer_bytes(cast_dtype, tol, byte_ratio
 
 
 def test_stats_of_an_lsh_layer():
-    layer = _layer("lsh", {"num_hashes": 2, "rotation_dim": 1})
+    layer = _layer("lsh", {"num_hashes": 2, "rotation_dim": 1, "compensation": "residual"})
     layer.timing = True
     y, _, _, _ = _run(layer, torch.randn(64, HIDDEN))
     stats = layer.last_stats
@@ -123,8 +123,8 @@ def test_stats_of_an_lsh_layer():
     assert stats.bytes_fwd_total == 2 * stats.sent_rows * row_bytes    # one process: no counts
     assert stats.bytes_fwd == stats.bytes_bwd == 0                     # nothing leaves the rank
     assert 0.0 < stats.mean_cosine < 1.0
-    for stage in ("hash", "cluster", "restore", "experts", "compress_bwd", "restore_bwd",
-                  "experts_bwd"):
+    for stage in ("route", "project", "hash", "cluster", "restore", "experts", "compress_bwd",
+                  "restore_bwd", "experts_bwd"):
         assert stats.ms[stage] >= 0.0, stage
     assert stats.overhead_ms > 0.0 and stats.overhead_cpu_ms >= 0.0
     assert set(stats.cpu_ms) == set(stats.ms)
