@@ -33,7 +33,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulated_cluster import launch  # noqa: E402
 from netns import EmulatedCluster, NetnsError  # noqa: E402
-from trainer_runs import MODELS, REPO, SMALL_SHAPE, VALID_RE, data_ready  # noqa: E402
+from trainer_runs import MODELS, REPO, VALID_RE, data_ready, trainer_flags  # noqa: E402
 
 LSH = ["--moe-a2a-compression", "lsh"]
 VARIANTS = {
@@ -77,20 +77,10 @@ def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    data, tok = args.data_dir, args.tokenizer_dir
-    trainer_args = [
-        "--model-recipe", spec["recipe"], *SMALL_SHAPE, "--expert-model-parallel-size",
-        str(args.nproc), "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
-        "--train-data-path", str(data / f"train_{spec['level']}"),
-        "--valid-data-path", str(data / f"valid_{spec['level']}"),
-        "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tok / "vocab.json"),
-        "--merge-file", str(tok / "merges.txt"), "--data-cache-path", str(args.out / "index-cache"),
-        "--micro-batch-size", "4", "--global-batch-size", str(4 * args.nproc),
-        "--train-iters", str(args.iters), "--lr", "2e-3", "--min-lr", "2e-4",
-        "--lr-warmup-iters", str(max(1, args.iters // 20)), "--clip-grad", "1.0",
-        "--eval-interval", str(args.eval_interval), "--eval-iters", "16", "--log-interval", "50",
-        "--seed", "1", "--metrics-jsonl", str(metrics), "--timing-log-level", "1",
-        "--distributed-backend", "gloo", *VARIANTS[name]]
+    trainer_args = trainer_flags(
+        model, VARIANTS[name] + ["--timing-log-level", "1"], seed=1, iters=args.iters,
+        metrics=metrics, cache_dir=args.out / "index-cache", data_dir=args.data_dir,
+        tokenizer_dir=args.tokenizer_dir, nproc=args.nproc, eval_interval=args.eval_interval)
     cluster.set_bandwidth(args.bandwidth or None)
     print(f"[{time.strftime('%H:%M:%S')}] {model}/{name} at {args.bandwidth:g} Mbit/s ...",
           file=sys.stderr, flush=True)

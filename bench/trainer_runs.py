@@ -53,6 +53,30 @@ def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Op
     return json.loads(cache.read_text()) if cache.exists() else None
 
 
+def trainer_flags(model: str, flags: list, *, seed: int, iters: int, metrics: Path,
+                  cache_dir: Path, data_dir: Path, tokenizer_dir: Path, nproc: int = 4,
+                  micro_batch: int = 4, eval_interval: int = 100, eval_iters: int = 16,
+                  lr: float = 2e-3) -> list:
+    """The trainer's flags for one run of the small ``model`` recipe with compressor ``flags``
+    (shape, data, schedule: cosine decay to lr/10 after a 5% warmup)."""
+    spec = MODELS[model]
+    return ["--model-recipe", spec["recipe"], *SMALL_SHAPE,
+            "--expert-model-parallel-size", str(nproc), "--hidden-dropout", "0.0",
+            "--attention-dropout", "0.0",
+            "--train-data-path", str(data_dir / f"train_{spec['level']}"),
+            "--valid-data-path", str(data_dir / f"valid_{spec['level']}"),
+            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+            str(tokenizer_dir / "vocab.json"), "--merge-file", str(tokenizer_dir / "merges.txt"),
+            "--data-cache-path", str(cache_dir),
+            "--micro-batch-size", str(micro_batch), "--global-batch-size",
+            str(micro_batch * nproc), "--train-iters", str(iters), "--lr", str(lr),
+            "--min-lr", str(lr / 10), "--lr-warmup-iters", str(max(1, iters // 20)),
+            "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--eval-interval",
+            str(eval_interval), "--eval-iters", str(eval_iters), "--log-interval", "50",
+            "--seed", str(seed), "--metrics-jsonl", str(metrics),
+            "--distributed-backend", "gloo", *spec["extra"], *flags]
+
+
 def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir: Path,
           data_dir: Path, tokenizer_dir: Path, nproc: int = 4, micro_batch: int = 4,
           eval_interval: int = 100, eval_iters: int = 16, lr: float = 2e-3,
@@ -69,21 +93,10 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
         metrics.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(REPO / spec["script"]),
-           "--model-recipe", spec["recipe"], *SMALL_SHAPE,
-           "--expert-model-parallel-size", str(nproc), "--hidden-dropout", "0.0",
-           "--attention-dropout", "0.0",
-           "--train-data-path", str(data_dir / f"train_{spec['level']}"),
-           "--valid-data-path", str(data_dir / f"valid_{spec['level']}"),
-           "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
-           str(tokenizer_dir / "vocab.json"), "--merge-file", str(tokenizer_dir / "merges.txt"),
-           "--data-cache-path", str(out_dir / "index-cache"),
-           "--micro-batch-size", str(micro_batch), "--global-batch-size",
-           str(micro_batch * nproc), "--train-iters", str(iters), "--lr", str(lr),
-           "--min-lr", str(lr / 10), "--lr-warmup-iters", str(max(1, iters // 20)),
-           "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--eval-interval",
-           str(eval_interval), "--eval-iters", str(eval_iters), "--log-interval", "50",
-           "--seed", str(seed), "--metrics-jsonl", str(metrics),
-           "--distributed-backend", "gloo", *spec["extra"], *flags]
+           *trainer_flags(model, flags, seed=seed, iters=iters, metrics=metrics,
+                          cache_dir=out_dir / "index-cache", data_dir=data_dir,
+                          tokenizer_dir=tokenizer_dir, nproc=nproc, micro_batch=micro_batch,
+                          eval_interval=eval_interval, eval_iters=eval_iters, lr=lr)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     print(f"[{time.strftime('%H:%M:%S')}] training {key} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -256,12 +256,11 @@ class LSHCompressor(Compressor):
     def statistics(self, context):
         """Mean cosine and relative residual energy ``|x - c|^2 / |x|^2`` of rows to their
         centroids, and the mean scaled-compensation slope (0-dim tensors; reading syncs)."""
-        args = (context.rows.x_TH, context.rows.token_of_row_R, context.centroids_CH,
-                context.clusters)
-        out = {"mean_cosine": lsh_ops.mean_cosine(*args),
-               "residual_energy": lsh_ops.residual_energy(*args)}
+        cos, energy = lsh_ops.distortion(context.rows.x_TH, context.rows.token_of_row_R,
+                                         context.centroids_CH, context.clusters)
+        out = {"mean_cosine": cos, "residual_energy": energy}
         if context.alpha_E is not None:
-            present = context.clusters.centroids_per_expert > 1
-            out["compensation_alpha"] = (context.alpha_E[present].mean() if bool(present.any())
-                                         else context.alpha_E.new_zeros(()))
+            present = (context.clusters.centroids_per_expert > 1).to(context.alpha_E.dtype)
+            out["compensation_alpha"] = ((context.alpha_E * present).sum()
+                                         / present.sum().clamp_min(1.0))
         return out

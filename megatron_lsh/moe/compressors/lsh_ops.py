@@ -301,41 +301,28 @@ class AddScaledTokens(torch.autograd.Function):
         return grad_TH, grad_x, grad_w
 
 
-def _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows):
-    """(rows, their centroids) in fp32 for up to ``max_rows`` evenly spaced rows; None if none."""
-    rows = token_of_row_R.shape[0]
-    if rows == 0:
-        return None
-    idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
-    c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
-    x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S))
-    return x_SH.float(), c_SH.float()
+def distortion(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
+               clusters: Clusters, max_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cosine, relative residual energy ``sum |x - c|^2 / sum |x|^2``) of the rows
+    (``x_TH[token_of_row]``) to their centroids, as 0-dim tensors (no sync, no autograd).
+
+    Exact up to ``max_rows`` rows; beyond that both are estimated from the same ``max_rows``
+    evenly spaced rows, so the statistics stay cheap next to the layer. Unlike the cosine, the
+    residual energy is not inflated by a direction all rows share.
+    """
+    with torch.no_grad():
+        rows = token_of_row_R.shape[0]
+        if rows == 0:
+            return torch.ones((), device=x_TH.device), torch.zeros((), device=x_TH.device)
+        idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
+        c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
+        x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S)).float()
+        c_SH = c_SH.float()
+        cos = torch.nn.functional.cosine_similarity(x_SH, c_SH, dim=-1).mean()
+        return cos, (x_SH - c_SH).square().sum() / x_SH.square().sum().clamp_min(1e-30)
 
 
 def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
                 clusters: Clusters, max_rows: int = 2048) -> torch.Tensor:
-    """Mean cosine similarity of rows (``x_TH[token_of_row]``) to their centroids (0-dim).
-
-    Exact up to ``max_rows`` rows; beyond that it is estimated from ``max_rows`` evenly spaced
-    rows, so the statistic stays cheap next to the layer. No autograd.
-    """
-    with torch.no_grad():
-        sample = _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows)
-        if sample is None:
-            return torch.ones((), device=x_TH.device)
-        return torch.nn.functional.cosine_similarity(*sample, dim=-1).mean()
-
-
-def residual_energy(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
-                    clusters: Clusters, max_rows: int = 2048) -> torch.Tensor:
-    """Relative residual energy ``sum |x - c|^2 / sum |x|^2`` of rows to their centroids (0-dim).
-
-    Unlike the mean cosine it is not inflated by a direction all rows share. Sampled like
-    :func:`mean_cosine`; no autograd.
-    """
-    with torch.no_grad():
-        sample = _sampled_rows(x_TH, token_of_row_R, centroids_CH, clusters, max_rows)
-        if sample is None:
-            return torch.zeros((), device=x_TH.device)
-        x_SH, c_SH = sample
-        return (x_SH - c_SH).square().sum() / x_SH.square().sum().clamp_min(1e-30)
+    """The mean cosine of :func:`distortion` alone."""
+    return distortion(x_TH, token_of_row_R, centroids_CH, clusters, max_rows)[0]
