@@ -70,7 +70,8 @@ def time_to_reach(times: list, losses: list, target: float) -> Optional[float]:
 
 def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
     """Train one (model, variant) on the cluster; curve of (seconds, valid loss); cached."""
-    run_dir = args.out / "runs" / f"{model}-{name}-{args.bandwidth:g}mbit-it{args.iters}"
+    run_dir = (args.out / "runs" /
+               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{args.iters}")
     cache = run_dir / "result.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -80,7 +81,8 @@ def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
     trainer_args = trainer_flags(
         model, VARIANTS[name] + ["--timing-log-level", "1"], seed=1, iters=args.iters,
         metrics=metrics, cache_dir=args.out / "index-cache", data_dir=args.data_dir,
-        tokenizer_dir=args.tokenizer_dir, nproc=args.nproc, eval_interval=args.eval_interval)
+        tokenizer_dir=args.tokenizer_dir, nproc=args.nproc, micro_batch=args.micro_batch,
+        eval_interval=args.eval_interval)
     cluster.set_bandwidth(args.bandwidth or None)
     print(f"[{time.strftime('%H:%M:%S')}] {model}/{name} at {args.bandwidth:g} Mbit/s ...",
           file=sys.stderr, flush=True)
@@ -107,11 +109,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["gpt", "roberta"])
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--bandwidth", type=float, default=40.0,
-                   help="Mbit/s per node NIC, each direction (default puts the small GPT-MoE's "
-                        "dense all-to-all near 45%% of the step on this machine)")
-    p.add_argument("--iters", type=int, default=600)
-    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--bandwidth", type=float, default=250.0,
+                   help="Mbit/s per node NIC, each direction (the default puts the small GPT-MoE's "
+                        "dense all-to-all near 45%% of the step on this machine at the default "
+                        "micro-batch)")
+    p.add_argument("--micro-batch", type=int, default=16,
+                   help="sequences per rank per step (tokens per step set the all-to-all's "
+                        "size against the fixed-size gradient all-reduce)")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--run-timeout", type=float, default=7200)

@@ -289,6 +289,8 @@ class OptimizerConfig:
 
     def __post_init__(self):
         check_non_negative(self, "lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}: with a learning rate of 0 "
+                             f"the weights never change")
         require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
         check_choice(self, "lr_decay_style")
         if self.lr_decay_iters is not None:
@@ -430,10 +432,27 @@ class CheckpointConfig:
                              "Load only the model weights and restart at iteration 0.")
     no_load_optim: bool = setting(False, "--no-load-optim", "Do not load the optimizer state.")
     no_load_rng: bool = setting(False, "--no-load-rng", "Do not load the RNG states.")
+    ckpt_step: Optional[int] = setting(
+        None, "--ckpt-step", "Load this iteration of --load instead of the one "
+        "latest_checkpointed_iteration.txt names.")
+    load_fallback: bool = setting(
+        False, "--load-fallback", "When the checkpoint to load is corrupt or incomplete (a file "
+        "fails its checksum, is missing or unreadable), load the newest earlier intact one "
+        "instead of stopping, and say which.")
+    keep_last_n_checkpoints: Optional[int] = setting(
+        None, "--keep-last-n-checkpoints", "After each save, delete all but the newest N "
+        "checkpoints in --save (never the one just written).", metavar="N")
 
     def __post_init__(self):
         if self.save_interval is not None:
             check_positive(self, "save_interval")
+        if self.keep_last_n_checkpoints is not None:
+            check_positive(self, "keep_last_n_checkpoints")
+        if self.ckpt_step is not None:
+            require(self.ckpt_step >= 0, f"--ckpt-step must be non-negative, got "
+                                         f"{self.ckpt_step}")
+            require(not self.load_fallback, "--ckpt-step names the iteration to load; it "
+                                            "cannot be combined with --load-fallback")
 
 
 @dataclass

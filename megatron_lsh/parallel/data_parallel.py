@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -59,6 +60,9 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or dist.reduce_scatter_tensor)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _supports_cache: dict = {}
+"""Probe answers keyed by (backend, group name): never by the group object, which would keep
+every process group (and its gloo threads) alive past ``destroy_process_group`` into interpreter
+shutdown, where their teardown can abort the process after it finished its work."""
 
 
 def _supports_tensor_collectives(group) -> bool:
@@ -71,16 +75,17 @@ def _supports_tensor_collectives(group) -> bool:
         return True
     if dist.get_backend(group) == "nccl":
         return True
-    if group not in _supports_cache:
+    key = (dist.get_backend(group), dist._get_process_group_name(group))
+    if key not in _supports_cache:
         size = dist.get_world_size(group)
         try:
             probe = torch.zeros(size)
             _reduce_scatter_single(torch.zeros(1), probe, group=group)
             _all_gather_single(probe, torch.zeros(1), group=group)
-            _supports_cache[group] = True
+            _supports_cache[key] = True
         except (RuntimeError, NotImplementedError, ValueError):
-            _supports_cache[group] = False
-    return _supports_cache[group]
+            _supports_cache[key] = False
+    return _supports_cache[key]
 
 
 def all_gather_into(output: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
@@ -250,6 +255,15 @@ class GradBuffer:
         self.next_launch = 0
 
 
+def _weak_hook(method: weakref.WeakMethod):
+    """A grad hook calling ``method`` while its object lives, and nothing once it is gone."""
+    def hook(param: torch.Tensor) -> None:
+        bound = method()
+        if bound is not None:
+            bound(param)
+    return hook
+
+
 class DistributedDataParallel(nn.Module):
     """Wrap a model chunk: fp32 ``main_grad`` buffers and bucketed, overlapped DP reduction.
 
@@ -301,8 +315,12 @@ class DistributedDataParallel(nn.Module):
                                            sp, use_distributed_optimizer, self.stats,
                                            shard_alignment))
         self._buffer_of = {p: b for b in self.buffers for p in b.params}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook)
-                       for p in self._buffer_of]
+        # The hooks hold this wrapper weakly: a bound method would close a cycle (parameter ->
+        # autograd hook -> wrapper -> module -> parameter) through C++ objects that Python's
+        # garbage collector cannot see, so the wrapper, its buffers and its process groups
+        # (with their gloo threads) would outlive every reference and destroy_process_group.
+        hook = _weak_hook(weakref.WeakMethod(self._grad_hook))
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self._buffer_of]
 
     def _grad_hook(self, param: torch.Tensor) -> None:
         # Runs in backward right after autograd accumulated into param.grad.

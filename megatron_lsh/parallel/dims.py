@@ -258,6 +258,39 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
+"""Names torch gives the threads a gloo process group owns (its work loops and TCP loop)."""
+
+
+def gloo_threads() -> list:
+    """Names of this process's gloo threads (Linux ``/proc``; empty elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name in GLOO_THREAD_NAMES:
+            names.append(name)
+    return names
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """``dist.init_process_group`` after importing ``torch._dynamo``.
+
+    torch._dynamo, imported lazily by the first ``torch.optim`` optimizer, keeps a reference to
+    the default process group when it is first imported while a group exists, so the group
+    (and its threads) would outlive ``destroy_process_group``. Imported first, it holds none.
+    """
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment; returns (rank, world_size).
 
@@ -274,6 +307,6 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10)
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=timedelta(minutes=timeout_minutes))
+    init_process_group(backend, rank=rank, world_size=world_size,
+                       timeout=timedelta(minutes=timeout_minutes))
     return rank, world_size

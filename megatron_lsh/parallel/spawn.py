@@ -5,9 +5,15 @@ set up through a fresh ``FileStore`` (no port to race for). Results come back th
 so large tensors never block a pipe. A deadline turns a broken collective into an error
 instead of a hang: if any rank fails or time runs out, the rest are killed and the first
 traceback is raised in the parent.
+
+A worker also fails when process groups outlive ``destroy_process_group`` (their gloo threads
+still run after ``fn`` returned): such groups are torn down during interpreter shutdown, where
+gloo can abort the process ("terminate called without an active exception") after it reported
+success. Checking here turns that rare, timing-dependent abort into a deterministic error.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import tempfile
@@ -19,6 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_lsh.parallel.dims import gloo_threads, init_process_group
 
 
 class WorkerError(RuntimeError):
@@ -39,14 +47,22 @@ def _worker(fn: Callable, rank: int, world_size: int, args: tuple, workdir: str,
 
     try:
         store = dist.FileStore(os.path.join(workdir, "store"), world_size)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=float(env.get("SPAWN_PG_TIMEOUT", 300))))
+        init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                           timeout=timedelta(seconds=float(env.get("SPAWN_PG_TIMEOUT", 300))))
         result = fn(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         # Written before tearing down the group, so the parent can tell who failed first.
         write(("error", traceback.format_exc()))
         os._exit(1)
     dist.destroy_process_group()
+    gc.collect()
+    leaked = gloo_threads()
+    if leaked:
+        write(("error", f"{len(leaked)} gloo threads ({', '.join(sorted(set(leaked)))}) still "
+                        f"run after destroy_process_group: something keeps a process group "
+                        f"alive (a reference cycle through autograd hooks, a cache keyed by "
+                        f"group, an unwaited work handle)"))
+        os._exit(1)
     write(("ok", result))
 
 

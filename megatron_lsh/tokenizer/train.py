@@ -49,6 +49,19 @@ def _publish(tmp_dir: str, names: Sequence[str], out_dir: str) -> Dict[str, str]
     return paths
 
 
+class _Counted:
+    """Iterates ``texts`` and counts the non-empty ones (an empty corpus must be an error)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.non_empty = texts, 0
+
+    def __iter__(self):
+        for text in self.texts:
+            if text and text.strip():
+                self.non_empty += 1
+            yield text
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_frequency: int = 2,
               log: Callable[[str], None] = print) -> Dict[str, str]:
     """Train a GPT-2 style byte-level BPE; write vocab.json, merges.txt and tokenizer.json.
@@ -63,11 +76,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str, min_freque
                              "(pip install tokenizers), or use --tokenizer-type SentencePieceTokenizer") from None
     if vocab_size < 257 + 1:
         raise TokenizerError(f"a byte-level BPE vocab_size must exceed 257 (256 bytes + eod), got {vocab_size}")
-    os.makedirs(output_dir, exist_ok=True)
     start = time.time()
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
-    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+    counted = _Counted(texts)
+    tok.train_from_iterator(counted, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=[EOD_TOKEN], show_progress=False)
+    if counted.non_empty == 0:
+        raise TokenizerError("no text to train the tokenizer on: the input holds no non-empty "
+                             "text")
+    os.makedirs(output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-bpe-") as tmp:
         tok.save_model(tmp)
         tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -83,12 +100,14 @@ class _Lines:
     def __init__(self, texts: Iterable[str]):
         self.texts = texts
         self.error: Optional[BaseException] = None
+        self.count = 0
 
     def __iter__(self) -> Iterator[str]:
         try:
             for text in self.texts:
                 for line in text.splitlines():
                     if line.strip():
+                        self.count += 1
                         yield line
         except BaseException as e:
             self.error = e
@@ -126,6 +145,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, output_prefix: st
         except RuntimeError as e:
             if lines.error is not None:
                 raise lines.error from None
+            if lines.count == 0:
+                raise TokenizerError("no text to train the tokenizer on: the input holds no "
+                                     "non-empty text") from None
             raise TokenizerError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
         paths = {}
         for suffix in (".model", ".vocab"):

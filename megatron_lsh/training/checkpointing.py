@@ -27,6 +27,14 @@ inside step 3 leaves ``latest`` on the previous complete checkpoint. Re-saving a
 that already exists moves the old folder to ``iter_XXXXXXX.old-<token>`` for the instant of the
 swap; loads and the next save recover it if a crash hits exactly then.
 
+**Integrity.** Every file's size and SHA-256 are recorded in ``metadata.json`` at save and
+checked at load (:mod:`~megatron_lsh.training.checkpoint_files`); a mismatch names the file.
+``fallback=True`` (``--load-fallback``) then loads the newest intact earlier iteration and says
+so in one line; ``step`` (``--ckpt-step``) loads a chosen iteration instead of ``latest``;
+``keep_last`` (``--keep-last-n-checkpoints``) prunes older folders after a successful save. A
+save checks free space first. When a save or load fails, every rank raises the same
+:class:`CheckpointError` (the first failing rank's sentence), so rank 0 can speak for all.
+
 **Loading** uses ``torch.load(weights_only=True)``: a file holding anything but tensors and
 plain python values is refused rather than unpickled. Saves check this up front and name the
 offending entry. The state a training loop passes usually has ``model``, ``optimizer``,
@@ -39,8 +47,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import secrets
 import shutil
 from collections import OrderedDict
@@ -50,30 +56,28 @@ import torch
 import torch.distributed as dist
 
 from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.training.checkpoint_files import (
+    LATEST_FILE, CheckpointError, clean_stale, free_space_problem, fsync_dir,
+    iteration_dir, prune, read_latest, safe_load, saved_iterations, tensor_bytes, write_file,
+    write_text_atomically)
+
+__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "LATEST_FILE", "METADATA_FILE", "MODEL_FILE",
+           "clean_stale", "distrib_optim_file", "is_checkpoint_writer", "iteration_dir",
+           "load_checkpoint", "no_checkpoint_warning", "parallel_layout", "rank_dir",
+           "rank_dir_name", "read_latest", "save_checkpoint"]
 
 CHECKPOINT_VERSION = 1
 """Format version written into every checkpoint; loads refuse newer ones."""
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 METADATA_FILE = "metadata.json"
 _RNG_PER_DP = "rng_state_per_data_parallel_rank"
-_STALE = re.compile(r"^(iter_\d{7})\.(tmp|old)-[0-9a-f]+$")
 _PLAIN_LEAVES = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.nn.Parameter,
                  torch.Size, torch.dtype, torch.device)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message names the file or folder."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Names and layout
 # ---------------------------------------------------------------------------------------------
-
-def iteration_dir(root: str, iteration: int) -> str:
-    """``{root}/iter_{iteration:07d}``."""
-    return os.path.join(root, f"iter_{iteration:07d}")
-
 
 def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, *, pp_size: int, ep_size: int) -> str:
     """Megatron's per-position folder name: ``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]``."""
@@ -184,81 +188,34 @@ def _check_plain(value: Any, where: str) -> None:
                               f"tensor or plain python values")
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+def _gather_problems(problem: Optional[str], extra: Any = None) -> list:
+    """``(problem, extra)`` of every rank, in rank order (collective; also a barrier)."""
+    if not _distributed():
+        return [(problem, extra)]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (problem, extra))
+    return out
+
+
+def _raise_first(statuses: list, what: str) -> None:
+    """Raise the first failing rank's problem on every rank (one sentence, the same everywhere),
+    naming that rank unless every rank failed alike."""
+    failed = [(rank, problem) for rank, (problem, _) in enumerate(statuses) if problem]
+    if not failed:
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
+    rank, problem = failed[0]
+    if len(failed) < len(statuses) or any(p != problem for _, p in failed):
+        problem = f"{problem} (rank {rank}; {len(failed)} of {len(statuses)} ranks failed)"
+    error = CheckpointError(problem if problem else f"{what} failed")
+    error.all_ranks = True
+    raise error
 
 
-def _write_file(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _safe_load(path: str, map_location: Any) -> Any:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        culprit = f" (it refers to {found.group(1)})" if found else ""
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain python values{culprit}, and unpickling them could run "
-                              f"code") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint file {path}: {reason}") from error
-
-
-def read_latest(root: str) -> Optional[int]:
-    """The iteration in ``{root}/latest_checkpointed_iteration.txt``; None if there is no file.
-
-    Megatron's ``release`` marker reads as iteration 0 (folder ``release``).
-    """
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if text == "release":
-        return 0
-    if not text.isdigit():
-        raise CheckpointError(f"{path} should hold an iteration number but holds {text[:40]!r}")
-    return int(text)
-
-
-def _clean_stale(root: str) -> None:
-    """Remove temp folders of crashed saves; put back an old folder a crashed swap left."""
-    for name in sorted(os.listdir(root)):
-        match = _STALE.match(name)
-        if not match:
-            continue
-        path, final = os.path.join(root, name), os.path.join(root, match.group(1))
-        if match.group(2) == "old" and not os.path.exists(final):
-            os.rename(path, final)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+def _problem(error: BaseException, doing: str) -> str:
+    if isinstance(error, CheckpointError):
+        return str(error)
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{doing} failed: {reason}"
 
 
 def _publish(root: str, tmp: str, final: str, iteration: int, token: str,
@@ -269,10 +226,10 @@ def _publish(root: str, tmp: str, final: str, iteration: int, token: str,
         old = f"{final}.old-{token}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if on_stage is not None:
         on_stage("renamed", final)
-    _write_text_atomically(os.path.join(root, LATEST_FILE), f"{iteration}\n")
+    write_text_atomically(os.path.join(root, LATEST_FILE), f"{iteration}\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -283,6 +240,7 @@ def _publish(root: str, tmp: str, final: str, iteration: int, token: str,
 
 def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessGroups, *,
                     per_dp_rank_state: Optional[dict] = None, layout: Optional[dict] = None,
+                    keep_last: Optional[int] = None,
                     on_stage: Optional[Callable[[str, str], None]] = None) -> str:
     """Save ``state`` for ``iteration`` under ``save_dir``; collective over all ranks.
 
@@ -290,9 +248,10 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     gathered over DP). ``per_dp_rank_state``, when given, is written by every rank to its own
     ``distrib_optim_dp{dp:03d}.pt``. ``layout`` defaults to :func:`parallel_layout` of
     ``groups``; pass extra entries (e.g. ``num_experts``) to have loads check them too.
+    ``keep_last``: after the save, delete all but the newest ``keep_last`` checkpoints.
     ``on_stage(stage, path)`` is called after each file (``"file"``), after this rank's files
-    (``"written"``) and, on rank 0, after the rename (``"renamed"``): for progress and crash
-    tests. Returns the final folder of the checkpoint.
+    (``"written"``, before the barrier that lets rank 0 publish) and, on rank 0, after the
+    rename (``"renamed"``): for progress and crash tests. Returns the final folder of the checkpoint.
     """
     if iteration < 0:
         raise CheckpointError(f"checkpoint iteration must be non-negative, got {iteration}")
@@ -302,7 +261,7 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     if is_rank0:
         try:
             os.makedirs(save_dir, exist_ok=True)
-            _clean_stale(save_dir)
+            clean_stale(save_dir)
         except OSError as error:
             setup_error = error
     if not _all_ok(setup_error is None):
@@ -318,49 +277,52 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     payload.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
                    parallel_layout=layout)
 
-    error: Optional[BaseException] = None
+    problem, records = None, {}
     try:
         _check_plain(payload, "checkpoint state")
         if per_dp_rank_state is not None:
             _check_plain(per_dp_rank_state, "per-DP-rank checkpoint state")
-        position = os.path.join(tmp, _position_name(groups))
+        position = _position_name(groups)
         files = []
         if is_checkpoint_writer(groups):
-            files.append((os.path.join(position, MODEL_FILE), payload))
+            files.append((f"{position}/{MODEL_FILE}", payload))
         if per_dp_rank_state is not None:
-            files.append((os.path.join(position, distrib_optim_file(groups.dp_rank)),
-                          per_dp_rank_state))
-        for path, obj in files:
-            _write_file(path, obj)
+            files.append((f"{position}/{distrib_optim_file(groups.dp_rank)}", per_dp_rank_state))
+        problem = free_space_problem(save_dir, sum(tensor_bytes(obj) for _, obj in files))
+        for name, obj in files if problem is None else ():
+            path = os.path.join(tmp, name)
+            records[name] = write_file(path, obj)
             if on_stage is not None:
                 on_stage("file", path)
-        if is_rank0:
-            metadata = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-                        "parallel_layout": layout,
-                        "per_dp_rank_state": per_dp_rank_state is not None}
-            os.makedirs(tmp, exist_ok=True)
-            _write_text_atomically(os.path.join(tmp, METADATA_FILE),
-                                   json.dumps(metadata, indent=1, sort_keys=True))
-        if on_stage is not None:
+        if on_stage is not None and problem is None:
             on_stage("written", tmp)
-    except Exception as caught:  # noqa: BLE001 - must reach the all-reduce, or the others hang
-        error = caught
-    if not _all_ok(error is None):
+    except Exception as caught:  # noqa: BLE001 - must reach the collective, or the others hang
+        problem = _problem(caught, f"saving checkpoint {final}")
+    statuses = _gather_problems(problem, records)
+    if any(p for p, _ in statuses):
         if is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, CheckpointError):
-            raise error
-        raise CheckpointError(f"saving checkpoint {final} failed"
-                              + (f": {error}" if error else " on another rank")) from error
+        _all_ok(True)   # every rank raises only once no partial folder is left
+        _raise_first(statuses, f"saving checkpoint {final}")
 
+    problem = None
     if is_rank0:
         try:
+            metadata = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+                        "parallel_layout": layout,
+                        "per_dp_rank_state": per_dp_rank_state is not None,
+                        "files": {name: record for _, recs in statuses
+                                  for name, record in sorted(recs.items())}}
+            os.makedirs(tmp, exist_ok=True)
+            write_text_atomically(os.path.join(tmp, METADATA_FILE),
+                                  json.dumps(metadata, indent=1, sort_keys=True))
             _publish(save_dir, tmp, final, iteration, token, on_stage)
+            if keep_last:
+                prune(save_dir, keep_last, protect=[iteration])
         except Exception as caught:  # noqa: BLE001
-            error = caught
-    if not _all_ok(error is None):
-        raise CheckpointError(f"publishing checkpoint {final} failed"
-                              + (f": {error}" if error else " on rank 0")) from error
+            shutil.rmtree(tmp, ignore_errors=True)
+            problem = _problem(caught, f"publishing checkpoint {final}")
+    _raise_first(_gather_problems(problem), f"publishing checkpoint {final}")
     return final
 
 
@@ -380,7 +342,7 @@ def _check_layout(where: str, saved: dict, expected: dict) -> None:
                               f"a different parallel layout is not supported yet")
 
 
-def _checkpoint_folder(load_dir: str, iteration: int) -> str:
+def _checkpoint_folder(load_dir: str, iteration: int, named_by: str) -> str:
     folder = iteration_dir(load_dir, iteration)
     if iteration == 0 and not os.path.isdir(folder) and os.path.isdir(
             os.path.join(load_dir, "release")):
@@ -391,37 +353,64 @@ def _checkpoint_folder(load_dir: str, iteration: int) -> str:
                       if n.startswith(os.path.basename(folder) + ".old-"))
         if olds:
             return os.path.join(load_dir, olds[-1])
-        raise CheckpointError(f"{os.path.join(load_dir, LATEST_FILE)} points at iteration "
-                              f"{iteration} but folder {folder} does not exist")
+        raise CheckpointError(f"{named_by} points at iteration {iteration} but folder {folder} "
+                              f"does not exist")
     return folder
 
 
-def _load_local(load_dir: str, groups: ProcessGroups, expected_layout: dict,
-                map_location: Any) -> Optional[tuple[int, dict]]:
+def _candidates(load_dir: str, step: Optional[int], fallback: bool) -> list:
+    """Iterations to try, best first; empty when ``load_dir`` holds no checkpoint at all."""
+    if step is not None:
+        return [step]
     if not os.path.isdir(load_dir):
-        return None
-    iteration = read_latest(load_dir)
-    if iteration is None:
-        if any(n.startswith("iter_") and not _STALE.match(n) for n in os.listdir(load_dir)):
+        return []
+    try:
+        latest = read_latest(load_dir)
+    except CheckpointError:
+        if not fallback:
+            raise
+        latest = None
+    older = saved_iterations(load_dir)
+    if latest is None:
+        if older and not fallback:
             raise CheckpointError(f"{load_dir} holds checkpoint folders but no {LATEST_FILE}; "
-                                  f"write the iteration to load into that file")
-        return None
-    folder = _checkpoint_folder(load_dir, iteration)
+                                  f"write the iteration to load into that file, or pass "
+                                  f"--load-fallback to load the newest")
+        return sorted(older, reverse=True)
+    if not fallback:
+        return [latest]
+    return [latest] + sorted((i for i in older if i < latest), reverse=True)
+
+
+def _load_local(load_dir: str, iteration: int, groups: ProcessGroups, expected_layout: dict,
+                map_location: Any, named_by: str) -> dict:
+    folder = _checkpoint_folder(load_dir, iteration, named_by)
     metadata_path = os.path.join(folder, METADATA_FILE)
-    metadata = None
+    metadata: dict = {}
     if os.path.isfile(metadata_path):
         try:
             with open(metadata_path) as f:
                 metadata = json.load(f)
             _check_layout(folder, metadata["parallel_layout"], expected_layout)
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"checkpoint metadata {metadata_path} is unreadable: "
                                   f"{error}") from error
-    position = os.path.join(folder, _position_name(groups))
-    state = _safe_load(os.path.join(position, MODEL_FILE), map_location)
+    records = metadata.get("files")
+    position = _position_name(groups)
+
+    def load(name: str) -> Any:
+        record = None
+        if isinstance(records, dict):
+            record = records.get(name)
+            if record is None:
+                raise CheckpointError(f"checkpoint file {os.path.join(folder, name)} is not "
+                                      f"listed in {metadata_path}")
+        return safe_load(os.path.join(folder, name), map_location, record)
+
+    state = load(f"{position}/{MODEL_FILE}")
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint file {os.path.join(position, MODEL_FILE)} does not "
-                              f"hold a dict")
+        raise CheckpointError(f"checkpoint file {os.path.join(folder, position, MODEL_FILE)} "
+                              f"does not hold a dict")
     version = state.get("checkpoint_version", 0)
     if not isinstance(version, (int, float)) or version > CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {folder} has format version {version}, newer than "
@@ -434,32 +423,60 @@ def _load_local(load_dir: str, groups: ProcessGroups, expected_layout: dict,
                                   f"{len(rng[_RNG_PER_DP])} data-parallel ranks but this run has "
                                   f"{groups.dp_size}")
         state["rng_state"] = rng[_RNG_PER_DP][groups.dp_rank]
-    per_dp_path = os.path.join(position, distrib_optim_file(groups.dp_rank))
-    if (metadata or {}).get("per_dp_rank_state") or os.path.isfile(per_dp_path):
-        state["per_dp_rank_state"] = _safe_load(per_dp_path, map_location)
-    return iteration, state
+    per_dp = f"{position}/{distrib_optim_file(groups.dp_rank)}"
+    if metadata.get("per_dp_rank_state") or os.path.isfile(os.path.join(folder, per_dp)):
+        state["per_dp_rank_state"] = load(per_dp)
+    return state
 
 
 def load_checkpoint(load_dir: str, groups: ProcessGroups, *, expected_layout: dict,
-                    map_location: Any = "cpu") -> Optional[tuple[int, dict]]:
+                    map_location: Any = "cpu", step: Optional[int] = None,
+                    fallback: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> Optional[tuple[int, dict]]:
     """Load the checkpoint ``latest`` points at: ``(iteration, state)``, or None if there is none.
 
     None means ``load_dir`` does not exist or holds no checkpoint at all (the caller prints
-    :func:`no_checkpoint_warning` and starts from scratch). A garbled ``latest``, a missing
-    folder or rank file, a file that would run code when unpickled, or a checkpoint saved with
-    a different ``expected_layout`` (see :func:`parallel_layout`) raise :class:`CheckpointError`.
-    ``state["rng_state"]`` is this rank's own; ``state["per_dp_rank_state"]`` is present when
-    the save had per-DP-rank state. Collective: if any rank fails, every rank raises.
+    :func:`no_checkpoint_warning` and starts from scratch). ``step`` loads that iteration
+    instead. A garbled ``latest``, a missing folder or rank file, a file whose size or checksum
+    differs from the ones recorded at save, a file that would run code when unpickled, or a
+    checkpoint saved with a different ``expected_layout`` (see :func:`parallel_layout`) raise
+    :class:`CheckpointError`, unless ``fallback``: then the newest earlier iteration that loads
+    cleanly is used, and ``log`` gets one line saying which and why. ``state["rng_state"]`` is
+    this rank's own; ``state["per_dp_rank_state"]`` is present when the save had per-DP-rank
+    state. Collective: every rank loads the same iteration, or every rank raises.
     """
-    error: Optional[BaseException] = None
-    result = None
+    problem, candidates = None, []
     try:
-        result = _load_local(load_dir, groups, expected_layout, map_location)
-    except Exception as caught:  # noqa: BLE001 - must reach the all-reduce, or the others hang
-        error = caught
-    if not _all_ok(error is None):
-        if isinstance(error, CheckpointError):
-            raise error
-        raise CheckpointError(f"loading the checkpoint from {load_dir} failed"
-                              + (f": {error}" if error else " on another rank")) from error
-    return result
+        candidates = _candidates(load_dir, step, fallback)
+    except Exception as caught:  # noqa: BLE001 - must reach the collective, or the others hang
+        problem = _problem(caught, f"loading the checkpoint from {load_dir}")
+    statuses = _gather_problems(problem, candidates)
+    _raise_first(statuses, f"loading the checkpoint from {load_dir}")
+    candidates = statuses[0][1]   # rank 0's view decides, should the filesystems disagree
+    skipped = []
+    for iteration in candidates:
+        problem, state = None, None
+        try:
+            named_by = (os.path.join(load_dir, LATEST_FILE) if step is None and not skipped
+                        else "--ckpt-step" if step is not None else "the fallback")
+            state = _load_local(load_dir, iteration, groups, expected_layout, map_location,
+                                named_by)
+        except Exception as caught:  # noqa: BLE001
+            problem = _problem(caught, f"loading checkpoint iteration {iteration}")
+        statuses = _gather_problems(problem)
+        failed = next((p for p, _ in statuses if p), None)
+        if failed is None:
+            if skipped and log is not None:
+                log(f"WARNING: loaded iteration {iteration} instead of {skipped[0][0]}: "
+                    f"{skipped[0][1]}")
+            return iteration, state
+        skipped.append((iteration, failed))
+        if not fallback:
+            _raise_first(statuses, f"loading checkpoint iteration {iteration}")
+    if skipped:
+        error = CheckpointError(f"no intact checkpoint in {load_dir}: all {len(skipped)} "
+                                f"iterations failed to load, the newest (iteration "
+                                f"{skipped[0][0]}) because {skipped[0][1]}")
+        error.all_ranks = True
+        raise error
+    return None

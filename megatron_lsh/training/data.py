@@ -30,6 +30,35 @@ def build_run_tokenizer(config: MegatronLSHConfig):
                            vocab_size=config.model.vocab_size)
 
 
+def _check_data(config: MegatronLSHConfig, groups: ProcessGroups,
+                log: Callable[[str], None]) -> None:
+    """Rank 0 checks every dataset against the vocabulary; every rank raises its verdict."""
+    import torch.distributed as dist
+    from megatron_lsh.data.builder import parse_data_path
+    from megatron_lsh.data.checks import check_token_ids
+    from megatron_lsh.data.errors import DataError
+
+    d = config.data
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        prefixes = [prefix for paths in (d.data_path, d.train_data_path, d.valid_data_path,
+                                         d.test_data_path) if paths
+                    for prefix in parse_data_path(paths)[0]]
+        try:
+            check_token_ids(prefixes, config.model.vocab_size, d.data_cache_path)
+        except Exception as error:  # noqa: BLE001 - must reach the broadcast, or the others hang
+            problem = str(error) if isinstance(error, DataError) else (
+                f"checking the training data failed: {error}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        error = DataError(problem)
+        error.all_ranks = True
+        raise error
+
+
 class RunData:
     """Train / validation datasets of a run and iterators over this rank's micro-batches."""
 
@@ -46,6 +75,7 @@ class RunData:
         self.config, self.groups = config, groups
         self.global_batch_size = global_batch_size
         tr = config.training
+        _check_data(config, groups, log)
         special = SpecialTokenIds.from_tokenizer(tokenizer) if tokenizer is not None else None
         num_samples = (tr.train_iters * global_batch_size,
                        max(tr.eval_iters, 1) * global_batch_size, 0)

@@ -27,6 +27,22 @@ def _recipe_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(error: BaseException) -> None:
+    """Print ``error`` as one ``error: ...`` line, once per problem.
+
+    Errors every rank raises alike (a bad flag: all ranks parse the same command line; a failed
+    collective save or load, marked ``all_ranks``) are printed by rank 0 alone; any other is
+    printed by each rank that hit it, prefixed with its rank so lines stay apart.
+    """
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    alike = isinstance(error, ConfigError) or getattr(error, "all_ranks", False)
+    if alike and rank != 0:
+        return
+    prefix = "" if alike or world == 1 else f"[rank {rank}] "
+    sys.stderr.write(f"{prefix}error: {error}\n")   # one write: lines of ranks do not mix
+    sys.stderr.flush()
+
+
 def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags for model ``kind`` and run pretraining; returns the exit status."""
     from megatron_lsh.arguments import parse_args_with_namespace
@@ -49,15 +65,17 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
         summary = pretrain(config, kind)
     except (ConfigError, TrainingError, CheckpointError, DataError, TokenizerError) as error:
         # One sentence, no traceback: these are problems with the input, not bugs.
-        print(f"error: {error}", file=sys.stderr)
+        report_error(error)
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"> done: {summary}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # The process group is destroyed, but gloo's worker threads can still be torn down
-        # during interpreter finalization and abort the process ("terminate called without an
-        # active exception", seen at random after a clean run). Everything is saved and
-        # flushed at this point, so leave without finalization.
+    from megatron_lsh.parallel.dims import gloo_threads
+    leftover = gloo_threads()
+    if leftover:
+        # A process group outlived destroy_process_group: tearing it down during interpreter
+        # shutdown can abort a finished run. Everything is saved and flushed: leave now.
+        print(f"WARNING: {len(leftover)} gloo threads outlived the process group; exiting "
+              f"without interpreter teardown", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -129,6 +129,7 @@ class Trainer:
         self.layout = checkpointing.parallel_layout(
             self.groups, num_experts=cfg.moe.num_experts, num_layers=cfg.model.num_layers,
             hidden_size=cfg.model.hidden_size)
+        self._clean_stale_saves()
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         self.data = build_data(cfg, self.task, self.groups, self.global_batch_size,
@@ -305,20 +306,40 @@ class Trainer:
         if not save_dir:
             return
         t0 = time.perf_counter()
-        final = checkpointing.save_checkpoint(self.iteration, self.state_dict(), save_dir,
-                                              self.groups, layout=self.layout)
+        final = checkpointing.save_checkpoint(
+            self.iteration, self.state_dict(), save_dir, self.groups, layout=self.layout,
+            keep_last=self.config.checkpoint.keep_last_n_checkpoints)
         self.log(f"> saved checkpoint at iteration {self.iteration} to {final} "
                  f"({time.perf_counter() - t0:.1f} s)")
 
+    def _clean_stale_saves(self) -> None:
+        """Rank 0 removes what crashed saves left in --save / --load (temp, pruned folders)."""
+        ck = self.config.checkpoint
+        folders = {f for f in (ck.save, ck.load) if f}
+        if folders and (not dist.is_initialized() or dist.get_rank() == 0):
+            for folder in sorted(folders):
+                try:
+                    removed = checkpointing.clean_stale(folder)
+                except OSError as error:
+                    self.log(f"WARNING: cannot clean up {folder}: {error}")
+                    continue
+                if removed:
+                    self.log(f"> cleaned up {len(removed)} folder(s) crashed saves left in "
+                             f"{folder}: {', '.join(removed)}")
+        if folders and dist.is_initialized():
+            dist.barrier()
+
     def _load(self, load_dir: str) -> None:
+        ck = self.config.checkpoint
         loaded = checkpointing.load_checkpoint(load_dir, self.groups,
-                                               expected_layout=self.layout)
+                                               expected_layout=self.layout,
+                                               step=ck.ckpt_step, fallback=ck.load_fallback,
+                                               log=self.log)
         if loaded is None:
             self.log(checkpointing.no_checkpoint_warning(load_dir))
             return
         iteration, state = loaded
         self.model.load_state_dict(state["model"])
-        ck = self.config.checkpoint
         if ck.finetune:
             self.log(f"> loaded model weights of iteration {iteration} for finetuning")
             return

@@ -107,3 +107,51 @@ def test_sigkill_of_one_rank_mid_save_keeps_the_previous_checkpoint(tmp_path):
         assert first == (1, [100.0 * pp + 10.0 * tp + 1] * 3, [rank, 1])
         assert iteration == 2
         assert listing == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
+
+
+def _one_rank_short_of_space(rank, world, root):
+    import shutil
+    from megatron_lsh.training import checkpoint_files
+    groups = ProcessGroups.build(ParallelDims(world, tp=2))
+    ckpt.save_checkpoint(1, _state(groups, 1), root, groups)
+    if rank == 1:   # rank 1 writes to a filesystem that is full
+        checkpoint_files.shutil.disk_usage = lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0)
+    try:
+        ckpt.save_checkpoint(2, _state(groups, 2), root, groups)
+    except ckpt.CheckpointError as error:
+        return str(error), getattr(error, "all_ranks", False), sorted(os.listdir(root))
+    return None
+
+
+def test_one_rank_failing_a_save_is_the_same_sentence_on_every_rank(tmp_path):
+    root = str(tmp_path / "ckpt")
+    results = run_distributed(_one_rank_short_of_space, 2, root, timeout=120)
+    message = (f"not enough free space to save a checkpoint in {root}: about 1.0 MiB needed, "
+               f"0.0 MiB free (rank 1; 1 of 2 ranks failed)")
+    assert results == [(message, True, ["iter_0000001", ckpt.LATEST_FILE])] * 2
+
+
+def _fallback_when_one_position_is_corrupt(rank, world, root):
+    groups = ProcessGroups.build(ParallelDims(world, tp=2))
+    for iteration in (1, 2):
+        ckpt.save_checkpoint(iteration, _state(groups, iteration), root, groups)
+    if rank == 0:   # only the tp-rank-1 file of iteration 2 rots
+        path = os.path.join(ckpt.iteration_dir(root, 2), "mp_rank_01", ckpt.MODEL_FILE)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b"\x00" * 16)
+    torch.distributed.barrier()
+    lines = []
+    iteration, state = ckpt.load_checkpoint(root, groups, expected_layout=ckpt.parallel_layout(
+        groups), fallback=True, log=lines.append)
+    return iteration, state["model"]["dense"].tolist(), lines
+
+
+def test_fallback_is_collective_when_one_rank_file_is_corrupt(tmp_path):
+    root = str(tmp_path / "ckpt")
+    results = run_distributed(_fallback_when_one_position_is_corrupt, 2, root, timeout=120)
+    for rank, (iteration, dense, lines) in enumerate(results):
+        assert iteration == 1 and dense == [10.0 * rank + 1] * 3
+        assert len(lines) == 1 and lines[0].startswith("WARNING: loaded iteration 1 instead of 2: "
+                                                       "checkpoint file ")
+        assert "mp_rank_01/model_optim_rng.pt is corrupt" in lines[0]

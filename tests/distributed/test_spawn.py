@@ -39,3 +39,35 @@ def test_failure_reports_the_failing_rank():
 def test_hang_becomes_a_timeout():
     with pytest.raises(WorkerError, match=r"ranks \[0, 1\] of 2 did not finish within 5 s"):
         run_distributed(_one_rank_hangs, 2, timeout=5)
+
+
+_KEPT = []
+
+
+def _keeps_a_group(rank, world):
+    _KEPT.append(dist.new_group(list(range(world))))   # alive past destroy_process_group
+    return rank
+
+
+def _trains_with_ddp_and_zero1(rank, world):
+    # DDP hooks, the collective-support probe and the first torch.optim optimizer (which
+    # imports torch._dynamo) each once kept a process group alive past destroy_process_group.
+    from tests.distributed.test_optimizer import STEPS, _zero_setup, _zero_steps
+    from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
+    groups = ProcessGroups.build(ParallelDims(world, ep=1))
+    _, ddp, opt = _zero_setup(groups, 1)
+    norms, _ = _zero_steps(ddp, opt, groups, 0, STEPS)
+    return len(norms)
+
+
+def test_a_group_outliving_destroy_is_an_error():
+    with pytest.raises(WorkerError, match=r"gloo threads .* still run after "
+                                          r"destroy_process_group"):
+        run_distributed(_keeps_a_group, 2, timeout=60)
+
+
+def test_training_leaves_no_process_group_behind():
+    # The worker fails if any gloo thread survives destroy_process_group: such a group is torn
+    # down during interpreter shutdown, where gloo can abort a worker that already reported ok.
+    from tests.distributed.test_optimizer import STEPS
+    assert run_distributed(_trains_with_ddp_and_zero1, 2, timeout=120) == [STEPS, STEPS]

@@ -188,7 +188,9 @@ def _equivalence(label, make, ref_forward, group, x_full, in_layout="rep", out_l
     x = _local(x_full, in_layout, group).clone().requires_grad_(floating)
     out_ref, out = ref_forward(ref, x_ref), mod(x)
     out = out[0] if isinstance(out, tuple) else out
-    items.append((f"{label}: output", out, _local(out_ref, out_layout, group), False))
+    # Detached: a returned graph would keep its TP group (held by the autograd nodes) alive.
+    items.append((f"{label}: output", out.detach(), _local(out_ref, out_layout, group).detach(),
+                  False))
     grad_out = _randn(out_ref.shape, 7)
     out_ref.backward(grad_out)
     out.backward(_local(grad_out, out_layout, group))
@@ -235,7 +237,8 @@ def check_mappings(group):
         x = x.clone().requires_grad_()
         out = fn(x)
         out.backward(g_of(rank, out.shape))
-        items.extend([(f"{name} forward", out, want_out, True),
+        # Detached: the graph would keep the group alive (its autograd nodes hold it).
+        items.extend([(f"{name} forward", out.detach(), want_out, True),
                       (f"{name} backward", x.grad, want_grad, True)])
 
     total = sum(x_of(r) for r in range(tp))

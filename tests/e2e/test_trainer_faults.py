@@ -83,11 +83,13 @@ def test_missing_load_directory_starts_from_scratch(tmp_path, corpus):
 def test_incompatible_layout_is_refused(tmp_path, corpus):
     ckpt = str(tmp_path / "ckpt")
     args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3) + ["--save", ckpt]
-    run_entry("gpt", args + ["--expert-model-parallel-size", "2"], 2)
+    saved = run_entry("gpt", args + ["--expert-model-parallel-size", "2"], 2)
+    assert "outlived the process group" not in saved.stderr   # no group leaks past the run
     proc = run_entry("gpt", args + ["--load", ckpt], 2, check=False)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert ours and all("layout" in line and "expert" in line for line in ours), proc.stderr
+    # Every rank fails alike: rank 0 speaks for all, in one line.
+    assert len(ours) == 1 and "layout" in ours[0] and "expert" in ours[0], proc.stderr
     # torchrun reports the failed workers with its own traceback; ours print none.
     assert "megatron_lsh/" not in proc.stderr, proc.stderr[-3000:]
 
@@ -98,3 +100,58 @@ def test_rerun_after_the_last_iteration_does_nothing(tmp_path, corpus):
     run_entry("gpt", args, 1)
     again = run_entry("gpt", args, 1)
     assert "already trained to iteration 3 (--train-iters 3): nothing to do" in again.stdout
+
+
+def _errors(proc):
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "error: " in line]
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_sentence_before_training(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3)
+    args[args.index("--vocab-size") + 1] = "100"
+    from megatron_lsh.data.indexed import IndexedDataset
+    from megatron_lsh.tokenizer import build_tokenizer
+    data = IndexedDataset(f"{corpus}_document")
+    largest = max(int(data[i].max()) for i in range(len(data)))
+    vocab = build_tokenizer("NullTokenizer", vocab_size=100).vocab_size
+    proc = run_entry("gpt", args, 2, check=False)
+    assert proc.returncode != 0
+    assert _errors(proc) == [f"error: dataset {corpus}_document.bin holds token id {largest} but "
+                             f"the vocabulary has {vocab} tokens (ids 0..{vocab - 1}): it was "
+                             f"preprocessed with another tokenizer, or --vocab-size is too "
+                             f"small"], proc.stderr
+    assert "megatron_lsh/" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_zero_learning_rate_is_refused(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3)
+    args[args.index("--lr") + 1] = "0"
+    proc = run_entry("gpt", args, 1, check=False)
+    assert proc.returncode != 0
+    assert _errors(proc) == ["pretrain_gpt_moe.py: error: --lr must be positive, got 0.0: with a "
+                             "learning rate of 0 "
+                             "the weights never change"]
+
+
+def test_corrupt_latest_checkpoint_stops_or_falls_back_and_old_ones_are_pruned(tmp_path, corpus):
+    ckpt = str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=6) + [
+        "--save", ckpt, "--save-interval", "2", "--eval-iters", "0"]
+    run_entry("gpt", args + ["--keep-last-n-checkpoints", "2"], 1)
+    assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000006",
+                                        "latest_checkpointed_iteration.txt"]
+    path = os.path.join(ckpt, "iter_0000006", "mp_rank_00", "model_optim_rng.pt")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 4096)
+    resume = [a if a != "6" else "8" for a in args] + ["--load", ckpt]
+    stopped = run_entry("gpt", resume, 1, check=False)
+    assert stopped.returncode == 1
+    assert _errors(stopped) == [f"error: checkpoint file {path} is corrupt: its sha256 does not "
+                                f"match the one recorded at save"]
+    fell_back = run_entry("gpt", resume + ["--load-fallback"], 1)
+    assert (f"WARNING: loaded iteration 4 instead of 6: checkpoint file {path} is corrupt"
+            in fell_back.stdout)
+    assert "at iteration 4" in fell_back.stdout and "'iteration': 8," in fell_back.stdout
+    chosen = run_entry("gpt", resume + ["--ckpt-step", "4", "--train-iters", "5"], 1)
+    assert "resumed from" in chosen.stdout and "at iteration 4" in chosen.stdout

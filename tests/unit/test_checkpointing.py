@@ -14,6 +14,7 @@ import torch
 from megatron_lsh.config import MegatronLSHConfig
 from megatron_lsh.parallel import random as mp_random
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
+from megatron_lsh.training import checkpoint_files
 from megatron_lsh.training import checkpointing as ckpt
 from megatron_lsh.training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -34,6 +35,16 @@ def make_state(seed=0):
         "consumed_train_samples": 40 + seed,
         "config": MegatronLSHConfig().to_dict(),
     }
+
+
+def reseal(folder, name):
+    """Record a file's current size and checksum in the metadata, as if saved that way: a file
+    written by another tool or an older version, so the checks after the checksum run."""
+    meta_path = os.path.join(folder, "metadata.json")
+    meta = json.loads(open(meta_path).read())
+    meta["files"][name] = checkpoint_files.file_record(os.path.join(folder, name))
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
 
 
 def assert_same(a, b):
@@ -157,6 +168,7 @@ def test_load_errors_name_the_file(tmp_path):
                                               r"model_optim_rng.pt is missing"):
         load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
     (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"PK\x03\x04xx")
+    reseal(tmp_path / "iter_0000004", "mp_rank_00/model_optim_rng.pt")
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint file .*model_optim_rng.pt"):
         load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
 
@@ -181,6 +193,7 @@ def test_a_file_that_would_run_code_is_refused(tmp_path, writer):
     payload = {"model": {"w": torch.ones(1)}, "evil": _RunsCode(marker)}
     with open(path, "wb") as f:
         pickle.dump(payload, f) if writer == "pickle" else torch.save(payload, f)
+    reseal(tmp_path / "iter_0000001", "mp_rank_00/model_optim_rng.pt")
     with pytest.raises(CheckpointError, match=rf"refusing to load {path}: it holds objects other "
                                               rf"than tensors and plain python values"):
         load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
@@ -224,6 +237,7 @@ def test_newer_format_version_is_refused(tmp_path):
     state = torch.load(path, weights_only=True)
     state["checkpoint_version"] = ckpt.CHECKPOINT_VERSION + 1
     torch.save(state, path)
+    reseal(tmp_path / "iter_0000001", "mp_rank_00/model_optim_rng.pt")
     with pytest.raises(CheckpointError, match=r"has format version 2, newer than this code's 1"):
         load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
 
