@@ -11,7 +11,10 @@ LSH, cast fp8), and reports:
   points, as the paper plots it;
 * the speedup to reach the dense run's final (smoothed) validation loss: the dense run's
   time to it over the variant's first time at or below it (linear interpolation between
-  validation points); "not reached" when a variant never gets there.
+  validation points); "not reached" when a variant never gets there. ``NAME@ITERS`` trains a
+  variant on a longer schedule, to see whether (and when) it gets there;
+* the per-iteration speedup, and the speedup at the variant's own final loss (the dense run's
+  time to that loss over the variant's), which is defined when the variant ends above dense.
 
 Needs root (network namespaces). Each run takes 10-20 minutes on 2 cores; ``--quick`` trains
 two variants for a few iterations to check the plumbing. Prints a table, writes
@@ -68,10 +71,21 @@ def time_to_reach(times: list, losses: list, target: float) -> Optional[float]:
     return None
 
 
-def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
+def parse_variant(spec: str, default_iters: int) -> tuple:
+    """``NAME`` or ``NAME@ITERS`` (train that variant for ITERS iterations) -> (name, iters)."""
+    name, _, iters = spec.partition("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {name!r} (choose from {', '.join(VARIANTS)})")
+    if iters and not iters.isdigit():
+        raise SystemExit(f"error: {spec!r}: the part after @ must be an iteration count")
+    return name, int(iters) if iters else default_iters
+
+
+def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     """Train one (model, variant) on the cluster; curve of (seconds, valid loss); cached."""
+    name, iters = parse_variant(spec, args.iters)
     run_dir = (args.out / "runs" /
-               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{args.iters}")
+               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{iters}")
     cache = run_dir / "result.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -79,7 +93,7 @@ def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
     spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     trainer_args = trainer_flags(
-        model, VARIANTS[name] + ["--timing-log-level", "1"], seed=1, iters=args.iters,
+        model, VARIANTS[name] + ["--timing-log-level", "1"], seed=1, iters=iters,
         metrics=metrics, cache_dir=args.out / "index-cache", data_dir=args.data_dir,
         tokenizer_dir=args.tokenizer_dir, nproc=args.nproc, micro_batch=args.micro_batch,
         eval_interval=args.eval_interval)
@@ -96,7 +110,8 @@ def run_variant(cluster, args, model: str, name: str, port: int) -> dict:
         total += r["ms_per_iter"] / 1e3
         elapsed[r["iteration"]] = total
     shares = [r["timers"]["moe_a2a"] / r["ms_per_iter"] for r in rows[len(rows) // 10:]]
-    result = {"model": model, "variant": name, "bandwidth_mbit": args.bandwidth,
+    label = name if iters == args.iters else f"{name}@{iters}"
+    result = {"model": model, "variant": label, "iters": iters, "bandwidth_mbit": args.bandwidth,
               "curve": [(elapsed[i], v) for i, v in sorted(valid)],
               "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
               "a2a_share": sorted(shares)[len(shares) // 2] if shares else float("nan")}
@@ -108,7 +123,10 @@ def main() -> None:
     """Train every (model, variant), print the speedups, write JSON and PNG."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["gpt", "roberta"])
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME[@ITERS]",
+                   help=f"of {', '.join(VARIANTS)}; NAME@ITERS trains that variant for ITERS "
+                        f"iterations instead of --iters (a longer schedule, to see whether and "
+                        f"when it reaches the dense run's final loss)")
     p.add_argument("--bandwidth", type=float, default=250.0,
                    help="Mbit/s per node NIC, each direction (the default puts the small GPT-MoE's "
                         "dense all-to-all near 45%% of the step on this machine at the default "
@@ -148,13 +166,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "time_to_quality.json").write_text(json.dumps(report, indent=1))
     plot(results, args.out / "time_to_quality.png")
-    print(f"\n{'model':8s} {'variant':20s} {'a2a%':>5s} {'ms/iter':>8s} {'final valid':>11s} "
-          f"{'s to dense final':>16s} {'speedup':>8s}")
+    print(f"\n{'model':8s} {'variant':22s} {'a2a%':>5s} {'ms/iter':>8s} {'per-it':>7s} "
+          f"{'final valid':>11s} {'s to dense final':>16s} {'speedup':>8s} {'at own final':>12s}")
     for r in report["rows"]:
         reach = f"{r['seconds_to_target']:16.0f}" if r["seconds_to_target"] else f"{'not reached':>16s}"
         speed = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8s}"
-        print(f"{r['model']:8s} {r['variant']:20s} {100 * r['a2a_share']:5.1f} "
-              f"{r['ms_per_iter']:8.0f} {r['final_valid']:11.4f} {reach} {speed}")
+        own = (f"{r['speedup_at_own_final']:11.2f}x" if r["speedup_at_own_final"]
+               else f"{'-':>12s}")
+        print(f"{r['model']:8s} {r['variant']:22s} {100 * r['a2a_share']:5.1f} "
+              f"{r['ms_per_iter']:8.0f} {r['per_iteration_speedup']:6.2f}x "
+              f"{r['final_valid']:11.4f} {reach} {speed} {own}")
 
 
 def summarize(results: list) -> dict:
@@ -167,10 +188,17 @@ def summarize(results: list) -> dict:
         times, losses = zip(*r["curve"])
         reach = time_to_reach(list(times), smooth(list(losses)), target)
         dense_reach = time_to_reach(list(d_times), smooth(list(d_losses)), target)
+        # Also at the variant's own final (smoothed) loss, where the dense run reaches it.
+        own = smooth(list(losses))[-1]
+        dense_own = time_to_reach(list(d_times), smooth(list(d_losses)), own)
+        mine_own = time_to_reach(list(times), smooth(list(losses)), own)
         rows.append({"model": r["model"], "variant": r["variant"], "a2a_share": r["a2a_share"],
                      "ms_per_iter": r["ms_per_iter"], "final_valid": losses[-1],
                      "target": target, "seconds_to_target": reach,
-                     "speedup": dense_reach / reach if reach else None})
+                     "speedup": dense_reach / reach if reach else None,
+                     "per_iteration_speedup": dense["ms_per_iter"] / r["ms_per_iter"],
+                     "speedup_at_own_final": (dense_own / mine_own
+                                              if dense_own and mine_own else None)})
     return {"rows": rows, "runs": results}
 
 

@@ -237,8 +237,10 @@ class ParallelConfig:
         None, "--distributed-backend",
         "torch.distributed backend; nccl when CUDA is available, else gloo, when not given.",
         choices=(None, "nccl", "gloo"))
-    distributed_timeout_minutes: int = setting(10, "--distributed-timeout-minutes",
-                                               "Timeout of collective operations.")
+    distributed_timeout_minutes: float = setting(
+        10, "--distributed-timeout-minutes", "Timeout of collective operations, in minutes "
+        "(fractions allowed: 0.5 is 30 s); a collective stuck that long stops the run with a "
+        "message naming the ranks that did not reach it.")
     use_distributed_optimizer: bool = setting(
         False, "--use-distributed-optimizer",
         "Shard the optimizer state over data-parallel ranks (ZeRO-1).")

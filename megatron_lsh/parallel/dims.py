@@ -234,7 +234,8 @@ class ProcessGroups:
             # Every rank creates every group (new_group is collective), keeps its own.
             chosen, chosen_ranks = None, [rank]
             for ranks in all_ranks:
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                group = (dist.new_group(ranks, timeout=_collective_timeout)
+                         if len(ranks) > 1 else None)
                 if rank in ranks:
                     chosen, chosen_ranks = group, ranks
             return chosen, chosen_ranks
@@ -280,6 +281,12 @@ def gloo_threads() -> list:
     return names
 
 
+_collective_timeout: Optional[timedelta] = None
+"""The timeout the world group was created with; every subgroup gets the same (``new_group``
+would otherwise use the backend's default of 30 minutes, so a stuck expert all-to-all would
+ignore ``--distributed-timeout-minutes``)."""
+
+
 def init_process_group(backend: str, **kwargs) -> None:
     """``dist.init_process_group`` after importing ``torch._dynamo``.
 
@@ -288,6 +295,8 @@ def init_process_group(backend: str, **kwargs) -> None:
     (and its threads) would outlive ``destroy_process_group``. Imported first, it holds none.
     """
     import torch._dynamo  # noqa: F401
+    global _collective_timeout
+    _collective_timeout = kwargs.get("timeout")
     dist.init_process_group(backend, **kwargs)
 
 

@@ -31,12 +31,15 @@ def report_error(error: BaseException) -> None:
     """Print ``error`` as one ``error: ...`` line, once per problem.
 
     Errors every rank raises alike (a bad flag: all ranks parse the same command line; a failed
-    collective save or load, marked ``all_ranks``) are printed by rank 0 alone; any other is
-    printed by each rank that hit it, prefixed with its rank so lines stay apart.
+    collective save or load, marked ``all_ranks``) are printed by rank 0 alone, a stuck
+    collective by the ``speaker`` the watchdog chose (the lowest rank that reached it); any
+    other is printed by each rank that hit it, prefixed with its rank so lines stay apart.
     """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    alike = isinstance(error, ConfigError) or getattr(error, "all_ranks", False)
-    if alike and rank != 0:
+    speaker = getattr(error, "speaker", None)
+    alike = (isinstance(error, ConfigError) or getattr(error, "all_ranks", False)
+             or speaker is not None)
+    if alike and rank != (speaker or 0):
         return
     prefix = "" if alike or world == 1 else f"[rank {rank}] "
     sys.stderr.write(f"{prefix}error: {error}\n")   # one write: lines of ranks do not mix

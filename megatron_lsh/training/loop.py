@@ -40,6 +40,8 @@ from megatron_lsh.training.logger import TrainingLogger
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
 from megatron_lsh.training.tasks import Task, get_task
+from megatron_lsh.training.watchdog import (CollectiveWatchdog, is_collective_failure,
+                                            launched_with_parent_death_signal)
 
 MOE_STAT_FIELDS = ("rows", "sent_rows", "bytes_fwd", "bytes_bwd", "aux_loss", "present",
                    "mean_cosine", "residual_energy", "lossy")
@@ -83,6 +85,8 @@ class Trainer:
         """Build groups, model, optimizer, schedule and data; resume if ``--load`` is set."""
         cfg, par = self.config, self.config.parallel
         rank, world = init_distributed(par.distributed_backend, par.distributed_timeout_minutes)
+        launched_with_parent_death_signal()
+        self.watchdog = CollectiveWatchdog(par.distributed_timeout_minutes)
         self.rank = rank
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
@@ -213,22 +217,27 @@ class Trainer:
         moe_acc = torch.zeros(self.num_moe_layers, len(MOE_STAT_FIELDS), dtype=torch.float64)
         batches = self._next_batches(iterator)
         t0 = time.perf_counter()
-        reports = forward_backward(self._forward_step_fn(batches, moe_acc),
-                                   self.num_microbatches, self.groups, self.p2p,
-                                   no_sync=self.ddp.no_sync,
-                                   loss_scale=self.optimizer.get_loss_scale,
-                                   schedule=self.config.parallel.pipeline_schedule)
+        step, phase = self.iteration + 1, self.watchdog.phase
+        with phase("forward-backward (MoE all-to-all, pipeline send/receive)", step):
+            reports = forward_backward(self._forward_step_fn(batches, moe_acc),
+                                       self.num_microbatches, self.groups, self.p2p,
+                                       no_sync=self.ddp.no_sync,
+                                       loss_scale=self.optimizer.get_loss_scale,
+                                       schedule=self.config.parallel.pipeline_schedule)
         t1 = time.perf_counter()
-        self.ddp.finish_grad_sync()
-        allreduce_tied_embedding_grads(list(self.model.parameters()), self.groups)
+        with phase("gradient all-reduce", step):
+            self.ddp.finish_grad_sync()
+            allreduce_tied_embedding_grads(list(self.model.parameters()), self.groups)
         t2 = time.perf_counter()
-        result = self.optimizer.step()
+        with phase("optimizer step", step):
+            result = self.optimizer.step()
         t3 = time.perf_counter()
         if result.stepped:
             self.scheduler.step()
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
-        loss = self._reduce_loss(reports)
+        with phase("loss all-reduce", step):
+            loss = self._reduce_loss(reports)
         if not math.isfinite(loss) and result.stepped:
             raise TrainingError(f"the {self.task.loss_name} is {loss} at iteration "
                                 f"{self.iteration} (rank {self.rank}): stopping (use --fp16 loss "
@@ -306,9 +315,10 @@ class Trainer:
         if not save_dir:
             return
         t0 = time.perf_counter()
-        final = checkpointing.save_checkpoint(
-            self.iteration, self.state_dict(), save_dir, self.groups, layout=self.layout,
-            keep_last=self.config.checkpoint.keep_last_n_checkpoints)
+        with self.watchdog.phase("checkpoint save", self.iteration):
+            final = checkpointing.save_checkpoint(
+                self.iteration, self.state_dict(), save_dir, self.groups, layout=self.layout,
+                keep_last=self.config.checkpoint.keep_last_n_checkpoints)
         self.log(f"> saved checkpoint at iteration {self.iteration} to {final} "
                  f"({time.perf_counter() - t0:.1f} s)")
 
@@ -365,7 +375,22 @@ class Trainer:
         return None
 
     def train(self) -> dict:
-        """Train to ``train_iters`` (or an exit condition); returns a summary."""
+        """Train to ``train_iters`` (or an exit condition); returns a summary.
+
+        A collective that times out or loses a peer becomes a :class:`TrainingError` naming
+        the collective and the ranks that did not reach it (see ``watchdog``).
+        """
+        try:
+            return self._train()
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is a collective failure
+            if not is_collective_failure(error):
+                raise
+            message, speaker = self.watchdog.explain(error)
+            failure = TrainingError(message)
+            failure.speaker = speaker
+            raise failure from error
+
+    def _train(self) -> dict:
         tr, ck = self.config.training, self.config.checkpoint
         if self.iteration >= tr.train_iters:
             self.log(f"> already trained to iteration {self.iteration} (--train-iters "
@@ -385,7 +410,8 @@ class Trainer:
             self.logger.log_iteration(last)
             saved = False
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.data.has_valid:
-                last_valid = self.evaluate()
+                with self.watchdog.phase("evaluation", self.iteration):
+                    last_valid = self.evaluate()
                 self.logger.log_validation(self.iteration, {self.task.loss_name: last_valid})
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()

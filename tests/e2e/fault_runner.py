@@ -2,6 +2,7 @@
 
 FAULT=kill_during_save:N  SIGKILL this process while it writes the checkpoint of iteration N.
 FAULT=nan_loss:N          the lm loss becomes NaN from iteration N on.
+FAULT=stop_rank1:N        rank 1 stops itself (SIGSTOP) as iteration N begins: a hung rank.
 """
 import os
 import signal
@@ -36,6 +37,15 @@ def _install(fault: str) -> None:
             value = original_loss(per_token_loss, batch)
             return value * float("nan") if calls["n"] >= at else value
         tasks.Task.loss = staticmethod(loss)
+    elif name == "stop_rank1":
+        from megatron_lsh.training.loop import Trainer
+        original_step = Trainer.train_step
+
+        def train_step(self, iterator):
+            if self.iteration + 1 == at and os.environ.get("RANK") == "1":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return original_step(self, iterator)
+        Trainer.train_step = train_step
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
 

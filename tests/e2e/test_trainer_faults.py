@@ -155,3 +155,64 @@ def test_corrupt_latest_checkpoint_stops_or_falls_back_and_old_ones_are_pruned(t
     assert "at iteration 4" in fell_back.stdout and "'iteration': 8," in fell_back.stdout
     chosen = run_entry("gpt", resume + ["--ckpt-step", "4", "--train-iters", "5"], 1)
     assert "resumed from" in chosen.stdout and "at iteration 4" in chosen.stdout
+
+
+def test_a_hung_rank_is_named_within_the_timeout(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=8) + [
+        "--distributed-timeout-minutes", "0.1", "--eval-iters", "0",
+        "--expert-model-parallel-size", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests/e2e/fault_runner.py"), "gpt", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(FAULT="stop_rank1:4"), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode != 0
+    assert _errors(proc) == [
+        "error: the forward-backward (MoE all-to-all, pipeline send/receive) of iteration 4 "
+        "timed out after 6 s: rank 1 did not reach it (rank 1 last seen in loss all-reduce of "
+        "iteration 3)"], proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_ranks_die_with_their_launcher(tmp_path, corpus):
+    metrics = str(tmp_path / "m.jsonl")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=100000) + [
+        "--metrics-jsonl", metrics, "--expert-model-parallel-size", "2"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=2", str(REPO / "pretrain_gpt_moe.py"), *args],
+                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+                os.path.exists(metrics) and len(read_metrics(metrics)) >= 2):
+            time.sleep(0.2)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, "the launcher should have two rank processes"
+        launcher.kill()                       # SIGKILL: the launcher cannot forward anything
+        launcher.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                                  open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                                                  for p in ranks):
+            time.sleep(0.2)
+        alive = [p for p in ranks if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        assert not alive, f"ranks {alive} outlived their launcher"
+    finally:
+        for p in ranks:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
