@@ -316,6 +316,12 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10)
     if backend == "nccl":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-    init_process_group(backend, rank=rank, world_size=world_size,
-                       timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    # The launcher's store outlives a restart (torchrun --max-restarts): keys of the failed
+    # attempt (its ranks' gloo addresses) would be read by the new one, which then connects to
+    # dead peers ("connectFullMesh failed ... Connection refused"). One prefix per attempt.
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"megatron_lsh/attempt_{attempt}", store)
+    init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size

@@ -33,6 +33,7 @@ _KEY = "megatron_lsh/heartbeat/{rank}"
 _BACKEND_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|"
                               r"connection refused|peer", re.IGNORECASE)
 _PR_SET_PDEATHSIG = 1
+_SOURCE_TAG = re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")   # "[.../pair.cc:537] "
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -94,9 +95,10 @@ class CollectiveWatchdog:
         """(one sentence, the rank that should print it) for a failed collective."""
         name, iteration = self.current
         timed_out = re.search(r"timed out|timeout", str(error), re.IGNORECASE) is not None
+        reason = _SOURCE_TAG.sub("", str(error).splitlines()[0] if str(error) else "")
         what = (f"the {name} of iteration {iteration} timed out after {self.timeout_s:g} s"
                 if timed_out else f"the {name} of iteration {iteration} lost a peer "
-                                  f"({str(error).splitlines()[0][:120]})")
+                                  f"({reason.strip()[:160]})")
         beats = self._heartbeats()
         if not beats:
             return f"{what}; the other ranks' progress is unknown", self.rank

@@ -3,6 +3,8 @@
 FAULT=kill_during_save:N  SIGKILL this process while it writes the checkpoint of iteration N.
 FAULT=nan_loss:N          the lm loss becomes NaN from iteration N on.
 FAULT=stop_rank1:N        rank 1 stops itself (SIGSTOP) as iteration N begins: a hung rank.
+FAULT=kill_rank1_once:N   in the first attempt of an elastic run (TORCHELASTIC_RESTART_COUNT 0)
+                          rank 1 SIGKILLs itself as iteration N begins.
 """
 import os
 import signal
@@ -37,13 +39,16 @@ def _install(fault: str) -> None:
             value = original_loss(per_token_loss, batch)
             return value * float("nan") if calls["n"] >= at else value
         tasks.Task.loss = staticmethod(loss)
-    elif name == "stop_rank1":
+    elif name in ("stop_rank1", "kill_rank1_once"):
         from megatron_lsh.training.loop import Trainer
         original_step = Trainer.train_step
+        sig = signal.SIGSTOP if name == "stop_rank1" else signal.SIGKILL
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
         def train_step(self, iterator):
-            if self.iteration + 1 == at and os.environ.get("RANK") == "1":
-                os.kill(os.getpid(), signal.SIGSTOP)
+            if (self.iteration + 1 == at and os.environ.get("RANK") == "1"
+                    and (name == "stop_rank1" or first_attempt)):
+                os.kill(os.getpid(), sig)
             return original_step(self, iterator)
         Trainer.train_step = train_step
     else:

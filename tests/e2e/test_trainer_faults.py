@@ -216,3 +216,20 @@ def test_ranks_die_with_their_launcher(tmp_path, corpus):
                 pass
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, corpus):
+    # Attempt 0 loses rank 1 at iteration 8; torchrun restarts both ranks, which must
+    # rendezvous afresh (not with the dead attempt's peers) and resume from iteration 6.
+    ckpt = str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=12) + [
+        "--distributed-timeout-minutes", "0.2", "--eval-iters", "0", "--save", ckpt,
+        "--load", ckpt, "--save-interval", "3", "--expert-model-parallel-size", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "2",
+           "--nproc-per-node=2", str(REPO / "tests/e2e/fault_runner.py"), "gpt", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(FAULT="kill_rank1_once:8"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at iteration 6 (48 samples consumed)" in proc.stdout
+    assert "> done: {'iteration': 12," in proc.stdout
+    assert "connectFullMesh failed" not in proc.stderr
