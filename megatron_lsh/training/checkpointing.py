@@ -251,7 +251,8 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     ``keep_last``: after the save, delete all but the newest ``keep_last`` checkpoints.
     ``on_stage(stage, path)`` is called after each file (``"file"``), after this rank's files
     (``"written"``, before the barrier that lets rank 0 publish) and, on rank 0, after the
-    rename (``"renamed"``): for progress and crash tests. Returns the final folder of the checkpoint.
+    rename (``"renamed"``): for progress and crash tests. Returns the final folder of the
+    checkpoint.
     """
     if iteration < 0:
         raise CheckpointError(f"checkpoint iteration must be non-negative, got {iteration}")

@@ -107,7 +107,8 @@ class CollectiveWatchdog:
         healthy = [r for r in range(self.world) if r not in behind]
         speaker = healthy[0] if healthy else self.rank
         if not behind:
-            return f"{what}; every rank reached it", speaker
+            return (f"{what}; every rank had entered it, so one stopped inside it (the "
+                    f"heartbeats cannot tell which)"), speaker
         seen = "; ".join(f"rank {r} last seen in {beats[r][2]} of iteration {beats[r][1]}"
                          if r in beats else f"rank {r} never reported" for r in behind)
         who = ", ".join(str(r) for r in behind)

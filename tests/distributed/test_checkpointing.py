@@ -115,7 +115,8 @@ def _one_rank_short_of_space(rank, world, root):
     groups = ProcessGroups.build(ParallelDims(world, tp=2))
     ckpt.save_checkpoint(1, _state(groups, 1), root, groups)
     if rank == 1:   # rank 1 writes to a filesystem that is full
-        checkpoint_files.shutil.disk_usage = lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0)
+        full = shutil._ntuple_diskusage(1 << 30, 1 << 30, 0)
+        checkpoint_files.shutil.disk_usage = lambda path: full
     try:
         ckpt.save_checkpoint(2, _state(groups, 2), root, groups)
     except ckpt.CheckpointError as error:
