@@ -287,6 +287,23 @@ would otherwise use the backend's default of 30 minutes, so a stuck expert all-t
 ignore ``--distributed-timeout-minutes``)."""
 
 
+def lingering_gloo_threads(wait_s: float = 2.0) -> list:
+    """:func:`gloo_threads` after a garbage collection, waiting up to ``wait_s`` for them to end.
+
+    A gloo TCP loop can take a moment to end after its group is gone (seen once in ~500 test
+    workers), so only threads still running after the wait count as leaked.
+    """
+    import gc
+    import time
+    gc.collect()
+    deadline = time.monotonic() + wait_s
+    threads = gloo_threads()
+    while threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+        threads = gloo_threads()
+    return threads
+
+
 def init_process_group(backend: str, **kwargs) -> None:
     """``dist.init_process_group`` after importing ``torch._dynamo``.
 

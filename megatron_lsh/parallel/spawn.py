@@ -13,7 +13,6 @@ success. Checking here turns that rare, timing-dependent abort into a determinis
 """
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import tempfile
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_lsh.parallel.dims import gloo_threads, init_process_group
+from megatron_lsh.parallel.dims import init_process_group, lingering_gloo_threads
 
 
 class WorkerError(RuntimeError):
@@ -55,8 +54,7 @@ def _worker(fn: Callable, rank: int, world_size: int, args: tuple, workdir: str,
         write(("error", traceback.format_exc()))
         os._exit(1)
     dist.destroy_process_group()
-    gc.collect()
-    leaked = gloo_threads()
+    leaked = lingering_gloo_threads()
     if leaked:
         write(("error", f"{len(leaked)} gloo threads ({', '.join(sorted(set(leaked)))}) still "
                         f"run after destroy_process_group: something keeps a process group "

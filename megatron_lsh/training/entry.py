@@ -72,10 +72,8 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"> done: {summary}")
-    import gc
-    from megatron_lsh.parallel.dims import gloo_threads
-    gc.collect()   # the trainer's reference cycles still hold its groups until collected
-    leftover = gloo_threads()
+    from megatron_lsh.parallel.dims import lingering_gloo_threads
+    leftover = lingering_gloo_threads()   # after collecting the trainer's reference cycles
     if leftover:
         # A process group outlived destroy_process_group: tearing it down during interpreter
         # shutdown can abort a finished run. Everything is saved and flushed: leave now.
