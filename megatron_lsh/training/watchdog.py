@@ -121,7 +121,7 @@ def launched_with_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
 
     Returns whether it was set (Linux only). If the launcher is already gone, exits at once.
     """
-    if "LOCAL_RANK" not in os.environ or not os.uname().sysname == "Linux":
+    if "LOCAL_RANK" not in os.environ or os.uname().sysname != "Linux":
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
