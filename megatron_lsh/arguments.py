@@ -49,6 +49,16 @@ def _value_type(cls: type, f: dataclasses.Field):
     return hint
 
 
+def _text_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a field's ``parse``: its error message becomes argparse's."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:   # ConfigError is a ValueError
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
 def _add_field_flag(group, cls: type, f: dataclasses.Field, target: FlagTarget,
                     table: dict, choices=None) -> None:
     """Add the flag a field declares (if any) to ``group`` and record it in ``table``."""
@@ -68,6 +78,8 @@ def _add_field_flag(group, cls: type, f: dataclasses.Field, target: FlagTarget,
     else:
         if kind is list:
             kwargs["nargs"] = md.get("nargs") or "+"
+        elif md.get("parse") is not None:
+            kwargs["type"] = _text_parser(md["parse"])
         else:
             kwargs["type"] = kind
         choices = choices if choices is not None else md.get("choices")
@@ -77,7 +89,7 @@ def _add_field_flag(group, cls: type, f: dataclasses.Field, target: FlagTarget,
             kwargs["metavar"] = md["metavar"]
         if md.get("show_default", True) and default is not None:
             help_text = f"{help_text} (default: {default})"
-    group.add_argument(flag, help=help_text, **kwargs)
+    group.add_argument(flag, *md.get("flag_aliases", ()), help=help_text, **kwargs)
     table[dest] = target
     for alias, value in md.get("aliases", {}).items():
         group.add_argument(alias, dest=dest, default=argparse.SUPPRESS, action="store_const",

@@ -16,7 +16,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from megatron_lsh.config import ModelConfig
+from megatron_lsh.config import ModelConfig, MoEConfig
 
 
 class StageModel(nn.Module):
@@ -35,6 +35,15 @@ class StageModel(nn.Module):
         """Layers of a separate decoder stack (split over pipeline stages on their own), or
         None when the model has one stack."""
         return None
+
+    @classmethod
+    def moe_layer_numbers(cls, config: ModelConfig, moe: MoEConfig) -> list:
+        """Global numbers of the MoE layers; placement counts within each stack (encoder,
+        then decoder), as ``--moe-layer-freq`` does in Megatron."""
+        total, decoder = cls.total_num_layers(config), cls.decoder_num_layers(config) or 0
+        stacks = [(1, total - decoder)] + ([(total - decoder + 1, decoder)] if decoder else [])
+        return [start + p - 1 for start, size in stacks for p in range(1, size + 1)
+                if moe.is_moe_layer(p, size)]
 
     @classmethod
     def tokens_per_sample(cls, config: ModelConfig) -> int:

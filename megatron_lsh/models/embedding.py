@@ -1,6 +1,7 @@
 """Input embeddings and the (tied) output layer shared by GPT, RoBERTa and T5.
 
-The word embedding is split over TP ranks by vocabulary; positions are learned and replicated.
+The word embedding is split over TP ranks by vocabulary; learned positions (when configured)
+are replicated.
 When the output layer is tied to the word embedding and the two live on different pipeline
 stages, the last stage holds its own copy: both are marked ``shared_embedding`` and their
 gradients are summed over the embedding group (first + last stage) every step.
@@ -34,7 +35,8 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 class Embedding(nn.Module):
-    """Word (vocab-parallel) + learned position embeddings, then dropout; returns [s, b, h]."""
+    """Word (vocab-parallel) + learned position embeddings (unless the positions are RoPE or
+    none), then dropout; returns [s, b, h]."""
 
     def __init__(self, config: ModelConfig, groups: ProcessGroups, *, seed: int,
                  max_positions: int, sequence_parallel: bool = False, device=None):
@@ -49,18 +51,22 @@ class Embedding(nn.Module):
             self.word_embeddings = VocabParallelEmbedding(self.vocab_size, config.hidden_size,
                                                           tp_group=groups.tp, init_method=init,
                                                           device=device)
-        with seeded(seed + 1):
-            self.position_embeddings = nn.Embedding(max_positions, config.hidden_size,
-                                                    device=device)
-            if self.position_embeddings.weight.device.type != "meta":
-                init(self.position_embeddings.weight)
+        self.position_embeddings = None
+        if config.uses_learned_positions:  # RoPE rotates q and k inside attention instead
+            with seeded(seed + 1):
+                self.position_embeddings = nn.Embedding(max_positions, config.hidden_size,
+                                                        device=device)
+                if self.position_embeddings.weight.device.type != "meta":
+                    init(self.position_embeddings.weight)
 
     def forward(self, input_ids_bs: torch.Tensor,
                 position_ids_bs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if position_ids_bs is None:
-            position_ids_bs = torch.arange(input_ids_bs.shape[1], device=input_ids_bs.device)
-            position_ids_bs = position_ids_bs.unsqueeze(0).expand_as(input_ids_bs)
-        x = self.word_embeddings(input_ids_bs) + self.position_embeddings(position_ids_bs)
+        x = self.word_embeddings(input_ids_bs)
+        if self.position_embeddings is not None:
+            if position_ids_bs is None:
+                position_ids_bs = torch.arange(input_ids_bs.shape[1], device=input_ids_bs.device)
+                position_ids_bs = position_ids_bs.unsqueeze(0).expand_as(input_ids_bs)
+            x = x + self.position_embeddings(position_ids_bs)
         x = x.transpose(0, 1).contiguous()  # [s, b, h]
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, self.groups.tp)

@@ -11,16 +11,29 @@ Assumptions common to the paper recipes (the paper does not state them):
 - the output layer is tied to the word embedding (no extra parameters), RoBERTa and T5 add
   a vocabulary-sized output bias and RoBERTa the MLM head (dense h x h + LayerNorm);
 - 64-dimensional heads (heads = hidden / 64); top-2 routing; routers have no bias;
-- MoE every 2nd layer (layers 2, 4, ...) unless noted.
+- MoE every 2nd layer (layers 2, 4, ..., 1-based, as fairseq places them) unless noted,
+  written as a ``--moe-layer-freq`` pattern (Megatron's int k would put MoE on layers
+  1, 1+k, ...); load-balancing loss weight 0.01.
+
+The tiny recipes place MoE the same way. Given ``--num-layers`` (and no ``--moe-layer-freq``),
+the entry points rebuild a recipe's pattern for that many layers (:meth:`Recipe.moe`).
+``mixtral-8x7b`` is Mixtral's published
+shape (grouped-query attention, RoPE, RMSNorm, SwiGLU experts, no biases, untied output).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from megatron_lsh.config import ModelConfig, MoEConfig, replace_config
+
+
+def every(k: int, layers: int) -> list:
+    """A ``--moe-layer-freq`` pattern with MoE on layers k, 2k, ... (1-based) of ``layers``."""
+    return [int(n % k == 0) for n in range(1, layers + 1)]
 
 
 @dataclass(frozen=True)
@@ -37,25 +50,32 @@ class Recipe:
     model_config: ModelConfig
     moe_config: MoEConfig
     doc: str = ""
+    moe_every: Optional[int] = None
+    """MoE on every k-th layer starting with the k-th: the MoE config's ``moe_layer_freq`` is
+    that pattern, rebuilt by :meth:`moe` for another layer count."""
 
     def model(self) -> ModelConfig:
         """A copy of the model config."""
         return replace_config(self.model_config)
 
-    def moe(self) -> MoEConfig:
-        """A copy of the MoE config."""
+    def moe(self, num_layers: Optional[int] = None) -> MoEConfig:
+        """A copy of the MoE config; ``num_layers`` (a ``--num-layers`` override) rebuilds a
+        ``moe_every`` placement pattern for that many layers."""
+        if self.moe_every and num_layers:
+            return replace_config(self.moe_config,
+                                  moe_layer_freq=every(self.moe_every, num_layers))
         return replace_config(self.moe_config)
 
 
 _PAPER_MODEL = ModelConfig(vocab_size=50257)
 """What the paper recipes share (see the module docstring); each replaces the shape."""
-_PAPER_MOE = MoEConfig(num_experts=16, moe_layer_freq=2, router_topk=2)
+_PAPER_MOE = MoEConfig(num_experts=16, router_topk=2, aux_loss_coeff=1e-2)
 
 
 def _gpt(layers: int, hidden: int, ffn: int, experts: int, seq: int = 2048):
     return (replace_config(_PAPER_MODEL, num_layers=layers, hidden_size=hidden,
                            ffn_hidden_size=ffn, num_attention_heads=hidden // 64, seq_length=seq),
-            replace_config(_PAPER_MOE, num_experts=experts))
+            replace_config(_PAPER_MOE, num_experts=experts, moe_layer_freq=every(2, layers)))
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -67,43 +87,67 @@ def _register(recipe: Recipe) -> None:
 
 _register(Recipe("gpt-moe-15b", "gpt", *_gpt(12, 768, 3072, 512),
                  doc="GPT-MoE 15B (fairseq moe_lm): 12 layers, d 768, ffn 3072, 512 experts "
-                     "every 2nd layer; Table 1: 14629M total, 14507M in experts."))
+                     "every 2nd layer; Table 1: 14629M total, 14507M in experts.", moe_every=2))
 _register(Recipe("gpt-moe-52b", "gpt", *_gpt(24, 1024, 4096, 512),
                  doc="GPT-MoE 52B: 24 layers, d 1024, ffn 4096, 512 experts every 2nd layer; "
-                     "Table 1: 51740M total, 51539M in experts."))
+                     "Table 1: 51740M total, 51539M in experts.", moe_every=2))
 _register(Recipe(
     "roberta-moe", "roberta",
     replace_config(_PAPER_MODEL, num_layers=12, hidden_size=768, ffn_hidden_size=3072,
                    num_attention_heads=12, seq_length=512),
-    replace_config(_PAPER_MOE, moe_layer_freq=3),
+    replace_config(_PAPER_MOE, moe_layer_freq=every(3, 12)),
     doc="RoBERTa-MoE: 12 layers, d 768, ffn 3072, 16 experts. Table 1 gives 302M expert and "
         "394M total parameters. 16 experts of 2 x 768 x 3072 weights are 75.5M per MoE layer, "
         "so 302M is exactly 4 MoE layers, not the 6 that 'every 2nd layer' would give (453M). "
         "We therefore place MoE on every 3rd layer (layers 3, 6, 9, 12): 302M in experts and "
         "about 408M in total, 3.5% above the table's 394M (which the dense remainder of a "
         "12-layer, 50k-vocabulary encoder cannot reach with 4 MoE layers); with every 2nd "
-        "layer the total would be 15% above."))
+        "layer the total would be 15% above.", moe_every=3))
 _register(Recipe(
     "t5-moe", "t5",
     replace_config(_PAPER_MODEL, num_layers=16, decoder_num_layers=16, hidden_size=1024,
                    ffn_hidden_size=16384, num_attention_heads=16, seq_length=512,
                    decoder_seq_length=128),
-    _PAPER_MOE,
+    replace_config(_PAPER_MOE, moe_layer_freq=every(2, 16)),
     doc="T5-MoE: 16 encoder + 16 decoder layers, d 1024, ffn 16384, 16 experts every 2nd "
-        "layer of each stack (16 MoE layers); Table 1: 9288M total, 8594M in experts."))
+        "layer of each stack (16 MoE layers); Table 1: 9288M total, 8594M in experts.",
+    moe_every=2))
 
 _TINY_MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128,
                           num_attention_heads=4, seq_length=64, vocab_size=4096,
                           hidden_dropout=0.0, attention_dropout=0.0)
-_TINY_MOE = MoEConfig(num_experts=4, moe_layer_freq=2, router_topk=2)
-_register(Recipe("tiny-gpt-moe", "gpt", _TINY_MODEL, _TINY_MOE,
+_TINY_MOE = MoEConfig(num_experts=4, moe_layer_freq=every(2, 4), router_topk=2,
+                      aux_loss_coeff=1e-2)
+_register(Recipe("tiny-gpt-moe", "gpt", _TINY_MODEL, _TINY_MOE, moe_every=2,
                  doc="A 4-layer GPT-MoE (d 64, 4 experts every 2nd layer) for CPU runs."))
-_register(Recipe("tiny-roberta-moe", "roberta", _TINY_MODEL, _TINY_MOE,
+_register(Recipe("tiny-roberta-moe", "roberta", _TINY_MODEL, _TINY_MOE, moe_every=2,
                  doc="A 4-layer RoBERTa-MoE for CPU runs."))
 _register(Recipe("tiny-t5-moe", "t5",
                  replace_config(_TINY_MODEL, num_layers=2, decoder_num_layers=2,
                                 decoder_seq_length=16),
-                 _TINY_MOE, doc="A 2+2-layer T5-MoE for CPU runs."))
+                 replace_config(_TINY_MOE, moe_layer_freq=every(2, 2)), moe_every=2,
+                 doc="A 2+2-layer T5-MoE for CPU runs."))
+
+_MIXTRAL_STYLE = dict(normalization="RMSNorm", position_embedding_type="rope",
+                      activation="swiglu", add_bias_linear=False,
+                      untie_embeddings_and_output_weights=True, group_query_attention=True,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+_register(Recipe(
+    "mixtral-8x7b", "gpt",
+    ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                num_query_groups=8, seq_length=4096, max_position_embeddings=32768,
+                vocab_size=32000, rotary_base=1000000, **_MIXTRAL_STYLE),
+    MoEConfig(num_experts=8, router_topk=2, moe_layer_freq=1, aux_loss_coeff=1e-2),
+    doc="Mixtral 8x7B: 32 layers, d 4096, 32 query / 8 key-value heads, 8 SwiGLU experts of "
+        "14336 on every layer, top-2, RoPE (base 1e6), RMSNorm, vocabulary 32000, untied; "
+        "published total 46.7B parameters, 12.9B active per token."))
+_register(Recipe(
+    "tiny-mixtral", "gpt",
+    ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                num_query_groups=2, seq_length=64, vocab_size=4096, **_MIXTRAL_STYLE),
+    MoEConfig(num_experts=4, router_topk=2, moe_layer_freq=1, aux_loss_coeff=1e-2),
+    doc="A 4-layer Mixtral-style GPT-MoE (GQA 4/2 heads, RoPE, RMSNorm, SwiGLU experts on "
+        "every layer, no biases, untied) for CPU runs."))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -81,7 +81,8 @@ class T5Model(StageModel):
                                    max_positions=max_pos, device=device)
         if groups.pp_size > 1:  # each stage holds a copy of the shared embeddings
             mark_shared_embedding(self.embedding.word_embeddings.weight, groups)
-            mark_shared_embedding(self.embedding.position_embeddings.weight, groups)
+            if self.embedding.position_embeddings is not None:
+                mark_shared_embedding(self.embedding.position_embeddings.weight, groups)
         self.encoder = self.decoder = self.output_layer = None
         if self.has_encoder:
             self.encoder = TransformerBlock(config, moe, groups, range(1, enc + 1), seed=seed,
@@ -89,6 +90,7 @@ class T5Model(StageModel):
         if self.has_decoder:
             self.decoder = TransformerBlock(config, moe, groups, range(enc + 1, enc + dec + 1),
                                             seed=seed, causal=True, cross_attention=True,
+                                            stack_start=enc + 1, stack_layers=dec,
                                             device=device)
             self.output_layer = OutputLayer(config, groups, seed=seed + SeedPart.EMBEDDING,
                                             tied_weight=self.embedding.word_embeddings.weight,

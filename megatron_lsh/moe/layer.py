@@ -65,6 +65,8 @@ class MoELayer(nn.Module):
                                  capacity_factor=moe_config.capacity_factor,
                                  aux_loss_coeff=moe_config.aux_loss_coeff,
                                  z_loss_coeff=moe_config.z_loss_coeff,
+                                 score_function=moe_config.score_function,
+                                 load_balancing_type=moe_config.load_balancing_type,
                                  init_method_std=init_method_std, seed=mix_seed(seed, 1),
                                  params_dtype=params_dtype, device=device)
         for param in self.router.parameters():
@@ -120,7 +122,8 @@ class MoELayer(nn.Module):
         # The router's matmul also yields the columns the compressor asked for, if any.
         timer = StageTimer(self.timing, x_TH.device)
         route_start = timer.now() if self.timing else None
-        routing = self.router(x_TH, self.compressor.router_columns())
+        sequences = shape[1] if len(shape) == 3 else 1   # [s, b, h]: tokens are s-major
+        routing = self.router(x_TH, self.compressor.router_columns(), num_sequences=sequences)
         route_end = timer.now() if self.timing else None
         replicated = self.groups.tp_size > 1 and not self.sequence_parallel
         shared = replicated and self.compressor.tp_shared

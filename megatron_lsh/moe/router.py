@@ -1,12 +1,13 @@
-"""Top-k router: softmax scores over experts, top-k choice, capacity, load-balancing losses.
+"""Top-k router: scores over experts, top-k choice, capacity, load-balancing losses.
 
 The router is a replicated (dense) linear ``[E, H]``. Its math runs in fp32 (or the input's
 precision if that is higher, so float64 gradient checks work): small differences in the
 logits would otherwise flip expert choices between otherwise identical runs.
 
-Gate weights: for top-1 the gate is the chosen expert's softmax probability (Switch), so the
-router learns from the task loss; for top-k > 1 the k probabilities are renormalised to sum
-to 1 (GShard).
+Scores: a softmax over the experts (``score_function='softmax'``) or an independent sigmoid
+per expert (``'sigmoid'``, DeepSeek-V3). Gate weights: for top-1 the gate is the chosen
+expert's score (Switch), so the router learns from the task loss; for top-k > 1 the k scores
+are renormalised to sum to 1 (GShard).
 
 Capacity (``capacity_factor`` not None): each expert keeps at most
 ``ceil(T * k / E * capacity_factor)`` of this rank's rows, those with the highest gate weight
@@ -15,9 +16,14 @@ Capacity (``capacity_factor`` not None): each expert keeps at most
 
 Losses are returned, already multiplied by their coefficients (never collected in globals):
 
-* aux (Switch / GShard load balancing): ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the share
-  of the ``T * k`` choices that picked expert e (before dropping) and ``P_e`` the mean softmax
-  probability of e over the tokens;
+* aux (Switch / GShard load balancing, ``load_balancing_type='aux_loss'``):
+  ``coeff * E * sum_e f_e * P_e`` with ``f_e`` the share of the ``T * k`` choices that picked
+  expert e (before dropping) and ``P_e`` the mean score of e over the tokens (sigmoid scores
+  are first normalised over the experts, as Megatron does);
+* per-sequence aux (``'seq_aux_loss'``, DeepSeek-V2): the same quantity computed over each
+  sequence's tokens alone and averaged over the sequences (the tokens must be ``[s, b]``
+  ordered, as the transformer's are: pass ``num_sequences = b``);
+* ``'none'``: no load-balancing loss, whatever the coefficient;
 * z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t) ** 2``.
 
 The router can also multiply the tokens by extra columns in the same matmul (one read of the
@@ -89,11 +95,19 @@ class TopKRouter(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, topk: int, *,
                  capacity_factor: Optional[float] = None, aux_loss_coeff: float = 0.0,
                  z_loss_coeff: float = 0.0, init_method_std: float = 0.02, seed: int = 1234,
+                 score_function: str = "softmax", load_balancing_type: str = "aux_loss",
                  params_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         if not 1 <= topk <= num_experts:
             raise ConfigError(f"--moe-router-topk ({topk}) must be between 1 and --num-experts "
                               f"({num_experts})")
+        if score_function not in ("softmax", "sigmoid"):
+            raise ConfigError(f"--moe-router-score-function must be softmax or sigmoid, got "
+                              f"{score_function!r}")
+        if load_balancing_type not in ("aux_loss", "seq_aux_loss", "none"):
+            raise ConfigError(f"--moe-router-load-balancing-type must be aux_loss, "
+                              f"seq_aux_loss or none, got {load_balancing_type!r}")
+        self.score_function, self.load_balancing_type = score_function, load_balancing_type
         self.num_experts, self.topk = num_experts, topk
         self.capacity_factor = capacity_factor
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
@@ -118,11 +132,13 @@ class TopKRouter(nn.Module):
             return None
         return math.ceil(num_tokens * self.topk / self.num_experts * self.capacity_factor)
 
-    def forward(self, x_TH: torch.Tensor, extra_HQ: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_TH: torch.Tensor, extra_HQ: Optional[torch.Tensor] = None,
+                num_sequences: int = 1) -> Routing:
         """Route ``x_TH``; see the module docstring for gates, capacity and losses.
 
         ``extra_HQ``: more columns to multiply the tokens by in the same matmul; the result
-        comes back as ``Routing.columns_TQ``.
+        comes back as ``Routing.columns_TQ``. ``num_sequences``: b of the ``[s, b]`` token
+        order (only the per-sequence load-balancing loss uses it).
         """
         compute_dtype = torch.promote_types(x_TH.dtype, torch.float32)
         columns_TQ = None
@@ -132,14 +148,20 @@ class TopKRouter(nn.Module):
             logits_TE, columns_TQ = _LogitsAndColumns.apply(
                 x_TH.to(compute_dtype), self.weight.to(compute_dtype), extra_HQ.to(compute_dtype))
         num_tokens = logits_TE.shape[0]
-        scores_TE = torch.softmax(logits_TE, dim=-1)
+        if self.score_function == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+            balance_TE = scores_TE
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            balance_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
         top_p_TK, experts_TK = torch.topk(scores_TE, self.topk, dim=-1)
         gates_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True) if self.topk > 1 else top_p_TK
 
         with torch.no_grad():
             chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
             chosen_TE.scatter_(1, experts_TK, True)
-        aux_loss, z_loss = self._losses(logits_TE, scores_TE, chosen_TE, num_tokens)
+        aux_loss, z_loss = self._losses(logits_TE, balance_TE, chosen_TE, num_tokens,
+                                        num_sequences)
 
         kept_TK = None
         cap = self.capacity(num_tokens)
@@ -153,16 +175,23 @@ class TopKRouter(nn.Module):
                 kept_TK = keep_TE.gather(1, experts_TK)
         return Routing(gates_TK, experts_TK, kept_TK, aux_loss, z_loss, columns_TQ)
 
-    def _losses(self, logits_TE, scores_TE, chosen_TE, num_tokens):
+    def _losses(self, logits_TE, scores_TE, chosen_TE, num_tokens, num_sequences=1):
         # Connected to the graph even when zero, so every rank's backward looks the same.
         zero = logits_TE.sum() * 0.0
         if num_tokens == 0:
             return zero, zero
         aux_loss = zero
-        if self.aux_loss_coeff > 0:
-            choice_share_E = chosen_TE.sum(0).to(scores_TE.dtype) / (num_tokens * self.topk)
-            mean_prob_E = scores_TE.mean(0)
-            aux_loss = self.aux_loss_coeff * self.num_experts * (choice_share_E * mean_prob_E).sum()
+        if self.aux_loss_coeff > 0 and self.load_balancing_type != "none":
+            # [s, b, E] token order: per-sequence statistics are means over dim 0.
+            b = num_sequences if self.load_balancing_type == "seq_aux_loss" else 1
+            if num_tokens % b:
+                raise ConfigError(f"seq_aux_loss needs [s, b] ordered tokens: {num_tokens} "
+                                  f"tokens are not a multiple of {b} sequences")
+            chosen_SBE = chosen_TE.view(num_tokens // b, b, -1).to(scores_TE.dtype)
+            choice_share_BE = chosen_SBE.mean(0) / self.topk
+            mean_prob_BE = scores_TE.view(num_tokens // b, b, -1).mean(0)
+            aux_loss = (self.aux_loss_coeff * self.num_experts
+                        * (choice_share_BE * mean_prob_BE).sum(-1).mean())
         z_loss = zero
         if self.z_loss_coeff > 0:
             z_loss = self.z_loss_coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -45,6 +45,10 @@ try:  # apex cannot be installed everywhere (not here); it is only a faster Laye
     from apex.normalization import FusedLayerNorm as _FusedLayerNorm
 except Exception:  # noqa: BLE001 - a broken apex build must not break the import
     _FusedLayerNorm = None
+try:
+    from apex.normalization import FusedRMSNorm as _FusedRMSNorm
+except Exception:  # noqa: BLE001
+    _FusedRMSNorm = None
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 Device = Union[str, torch.device, None]
@@ -431,18 +435,23 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 # --- LayerNorm ---
 
 def build_layernorm(hidden_size: int, eps: float = 1e-5, sequence_parallel: bool = False, *,
-                    params_dtype: torch.dtype = torch.float32,
+                    normalization: str = "LayerNorm", params_dtype: torch.dtype = torch.float32,
                     device: Device = None) -> nn.Module:
-    """A LayerNorm over the last dim: apex's FusedLayerNorm on CUDA when apex is importable,
-    else ``torch.nn.LayerNorm`` (same parameters ``weight`` / ``bias``, same maths).
+    """A LayerNorm (weight and bias) or RMSNorm (weight only) over the last dim.
 
-    Its parameters are replicated over TP; with ``sequence_parallel`` each rank normalises
-    different positions, so they are marked ``sequence_parallel = True`` and their gradients
-    must be all-reduced over TP.
+    apex's fused kernel on CUDA when apex is importable, else ``torch.nn.LayerNorm`` /
+    ``torch.nn.RMSNorm`` (same parameter names, same maths). Its parameters are replicated
+    over TP; with ``sequence_parallel`` each rank normalises different positions, so they are
+    marked ``sequence_parallel = True`` and their gradients must be all-reduced over TP.
     """
-    if _FusedLayerNorm is not None and torch.cuda.is_available() and not _is_meta(device):
+    fused = {"LayerNorm": _FusedLayerNorm, "RMSNorm": _FusedRMSNorm}.get(normalization)
+    if normalization not in ("LayerNorm", "RMSNorm"):
+        raise ValueError(f"normalization must be LayerNorm or RMSNorm, got {normalization!r}")
+    if fused is not None and torch.cuda.is_available() and not _is_meta(device):
         # apex builds on the current device; it falls back to torch for CPU inputs.
-        norm = _FusedLayerNorm(hidden_size, eps=eps).to(device=device, dtype=params_dtype)
+        norm = fused(hidden_size, eps=eps).to(device=device, dtype=params_dtype)
+    elif normalization == "RMSNorm":
+        norm = nn.RMSNorm(hidden_size, eps=eps, device=device, dtype=params_dtype)
     else:
         norm = nn.LayerNorm(hidden_size, eps=eps, device=device, dtype=params_dtype)
     for param in norm.parameters():

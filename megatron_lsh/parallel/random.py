@@ -59,6 +59,7 @@ class SeedPart(enum.IntEnum):
     - per-layer parts, ``layer_seed(s, n, part)`` for layer ``n`` (0 for parts of no layer):
       ``LAYER`` (a transformer layer's norms, attention and dense MLP), ``MOE`` (its MoE FFN,
       which derives router / expert seeds from this one with :func:`mix_seed`),
+      ``SHARED_EXPERT`` (the shared expert of a MoE layer),
       ``FINAL_LAYERNORM`` (the norm closing a stack, layer 0) and ``MLM_HEAD`` (RoBERTa's
       dense + LayerNorm head, layer 0);
     - model-level parts, ``s + part``: ``EMBEDDING`` (the word embedding, its position
@@ -75,6 +76,7 @@ class SeedPart(enum.IntEnum):
     EMBEDDING = 17
     OUTPUT = 29
     MLM_HEAD = 31
+    SHARED_EXPERT = 37
 
 
 def layer_seed(seed: int, layer_number: int, part: int = SeedPart.LAYER) -> int:

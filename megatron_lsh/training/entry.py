@@ -13,11 +13,12 @@ from typing import Optional, Sequence
 from megatron_lsh.config import ConfigError
 
 
-def recipe_base(name: str) -> dict:
-    """Base section configs (``model``, ``moe``) of a model recipe, for the flags to override."""
+def recipe_base(name: str, num_layers: Optional[int] = None) -> dict:
+    """Base section configs (``model``, ``moe``) of a model recipe, for the flags to override;
+    ``num_layers`` (a ``--num-layers`` override) re-places the recipe's MoE layers."""
     from megatron_lsh.models.recipes import get_recipe
     recipe = get_recipe(name)
-    return {"model": recipe.model(), "moe": recipe.moe()}
+    return {"model": recipe.model(), "moe": recipe.moe(num_layers)}
 
 
 def _recipe_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

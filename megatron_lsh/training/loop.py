@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lsh.config import MegatronLSHConfig
-from megatron_lsh.models.transformer import TransformerLayer, is_moe_layer
+from megatron_lsh.models.transformer import TransformerLayer
 from megatron_lsh.parallel import random as mp_random
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups, init_distributed
@@ -156,8 +156,7 @@ class Trainer:
     def _moe_layers(self) -> list:
         """(global MoE index, TransformerLayer) for the MoE layers of this stage, in order."""
         cfg = self.config
-        total = self.task.total_num_layers(cfg.model)
-        numbers = [n for n in range(1, total + 1) if is_moe_layer(n, cfg.moe)]
+        numbers = self.task.moe_layer_numbers(cfg.model, cfg.moe)
         self.num_moe_layers = len(numbers)
         return [(numbers.index(m.layer_number), m) for m in self.model.modules()
                 if isinstance(m, TransformerLayer) and m.is_moe]

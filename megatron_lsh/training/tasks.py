@@ -80,6 +80,10 @@ class Task:
         """Transformer layers of the whole model (MoE layers are numbered over these)."""
         return self.model_class.total_num_layers(model)
 
+    def moe_layer_numbers(self, model: ModelConfig, moe) -> list:
+        """Global numbers of the model's MoE layers (for per-layer statistics)."""
+        return self.model_class.moe_layer_numbers(model, moe)
+
     def decoder_num_layers(self, model: ModelConfig) -> Optional[int]:
         """Layers of a separate decoder stack, or None (for the pipeline split check)."""
         return self.model_class.decoder_num_layers(model)

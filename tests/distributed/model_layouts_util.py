@@ -45,6 +45,35 @@ LSH = replace(MOE, **compression("lsh", num_hashes=3, rotation_dim=1))
 
 COMPRESSIONS = {"none": MOE, "lsh": LSH}
 
+MODERN_MODEL = dict(normalization="RMSNorm", position_embedding_type="rope", rotary_percent=0.5,
+                    activation="swiglu", add_bias_linear=False,
+                    untie_embeddings_and_output_weights=True, group_query_attention=True,
+                    num_query_groups=2)
+"""Mixtral / Qwen-MoE style GPT options: RMSNorm, RoPE on half of each head's channels,
+SwiGLU, no biases, untied output layer, grouped-query attention (4 query heads, 2 groups)."""
+
+MODERN_MOE = dict(moe_layer_freq=[1, 0, 1, 1], load_balancing_type="seq_aux_loss",
+                  score_function="sigmoid", moe_ffn_hidden_size=48,
+                  shared_expert_intermediate_size=40)
+"""MoE options of today's models: a Megatron layer pattern, per-sequence load balancing,
+sigmoid scores, expert width apart from the dense FFN, and a shared expert."""
+
+
+def make_modern_jobs(world: int, layouts, sequence_parallel: bool = False) -> list:
+    """GPT jobs with the ``MODERN_*`` options, for every compression, on ``layouts``."""
+    jobs = []
+    for tp, pp, ep in layouts:
+        dp = world // (tp * pp)
+        for comp in COMPRESSIONS:
+            moe = replace(COMPRESSIONS[comp], **MODERN_MOE)
+            name = f"{layout_name(tp, pp, dp, ep)}-gpt-modern-{comp}"
+            if sequence_parallel:
+                moe, name = replace(moe, aux_loss_coeff=0.0), name.replace("-ep", "-sp-ep")
+            jobs.append(dict(name=name, kind="gpt", compression=comp, tp=tp, pp=pp, dp=dp,
+                             ep=ep, sequence_parallel=sequence_parallel, variant="modern",
+                             config=tiny_config("gpt", **MODERN_MODEL), moe=moe))
+    return jobs
+
 
 def layout_name(tp: int, pp: int, dp: int, ep: int) -> str:
     """``tp2-pp1-dp2-ep4`` style id."""
@@ -131,7 +160,7 @@ def moe_layers_dispatch_by_share(shares: int):
         MoELayer.forward = original
 
 
-def tp_share_reference(kind: str, moe: MoEConfig, tp: int):
+def tp_share_reference(kind: str, moe: MoEConfig, tp: int, config=None):
     """The single-process reference a layout with tensor-parallel size ``tp`` must match.
 
     No compression, or tp = 1: the plain single-process step. ``lsh`` with tp > 1: the same
@@ -139,7 +168,7 @@ def tp_share_reference(kind: str, moe: MoEConfig, tp: int):
     (with sequence parallelism the shares are the sequence shards: tokens are flattened
     sequence-first, so the equal split of the flattened tokens is the split of the sequence).
     """
-    config = tiny_config(kind)
+    config = config or tiny_config(kind)
     if moe.a2a_compression != "lsh" or tp == 1:
         return reference_step(kind, config, moe)
     with moe_layers_dispatch_by_share(tp):

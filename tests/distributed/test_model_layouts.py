@@ -14,6 +14,12 @@ TP2xEP2, TP2xPP2xEP2, PP2xDP2xEP2 and TP2xDP2xEP4; plus TP=2 and TP2xEP2 with se
 parallelism for GPT and RoBERTa (T5 has none), where the load-balancing loss is off (each TP
 rank computes it on its sequence shard, which is not the whole micro-batch's loss).
 
+The "modern" GPT jobs (``model_layouts_util.MODERN_MODEL`` / ``MODERN_MOE``: RMSNorm, RoPE,
+grouped-query attention, SwiGLU, no biases, untied output, a 0/1 MoE layer pattern,
+per-sequence load balancing, sigmoid scores, a separate expert width and a shared expert)
+run on TP=2, PP=2, EP=2, TP2xEP2 (also with sequence parallelism), TP2xPP2xEP2 and
+PP2xDP2xEP2, with and without LSH.
+
 How LSH equivalence is shown. LSH clusters the rows one rank dispatches, per destination
 expert; what rank receives them (EP) does not matter, since rows are clustered before the
 all-to-all. With tp = 1 a rank dispatches the rows of whole micro-batches (DP and PP move
@@ -39,16 +45,18 @@ import torch
 
 from megatron_lsh.parallel.spawn import run_distributed
 from tests.distributed.layouts import compare_with_reference
-from tests.distributed.model_layouts_util import (COMPRESSIONS, KINDS, make_jobs, run_jobs,
-                                                  tp_share_reference)
+from tests.distributed.model_layouts_util import (COMPRESSIONS, KINDS, make_jobs,
+                                                  make_modern_jobs, run_jobs, tp_share_reference)
 
 # (tp, pp, ep); dp = world / (tp * pp).
 WORLD2_LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 1), (1, 1, 2), (2, 1, 2)]
 WORLD4_LAYOUTS = [(1, 1, 4), (2, 2, 2), (1, 2, 2), (2, 1, 4)]
 WORLD2_JOBS = (make_jobs(2, WORLD2_LAYOUTS)
                + make_jobs(2, [(2, 1, 1), (2, 1, 2)], kinds=("gpt", "roberta"),
-                           sequence_parallel=True))
-WORLD4_JOBS = make_jobs(4, WORLD4_LAYOUTS)
+                           sequence_parallel=True)
+               + make_modern_jobs(2, [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2)])
+               + make_modern_jobs(2, [(2, 1, 2)], sequence_parallel=True))
+WORLD4_JOBS = make_jobs(4, WORLD4_LAYOUTS) + make_modern_jobs(4, [(2, 2, 2), (1, 2, 2)])
 
 _references: dict = {}
 
@@ -68,9 +76,9 @@ def reference_for(job):
     # LSH is tp_shared: without sequence parallelism TP ranks cluster the whole micro-batch.
     per_share = job["compression"] == "lsh" and job["sequence_parallel"]
     shares = job["tp"] if per_share else 1
-    key = (job["kind"], job["compression"], job["sequence_parallel"], shares)
+    key = (job["kind"], job.get("variant"), job["compression"], job["sequence_parallel"], shares)
     if key not in _references:
-        _references[key] = tp_share_reference(job["kind"], job["moe"], shares)
+        _references[key] = tp_share_reference(job["kind"], job["moe"], shares, job["config"])
     return _references[key]
 
 

@@ -41,7 +41,7 @@ from megatron_lsh.parallel.random import model_parallel_seed
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 1234
-TINY = ("tiny-gpt-moe", "tiny-roberta-moe", "tiny-t5-moe")
+TINY = ("tiny-gpt-moe", "tiny-roberta-moe", "tiny-t5-moe", "tiny-mixtral")
 M = 1_000_000
 
 
@@ -137,8 +137,10 @@ def test_recompute_gives_the_same_gradients_with_dropout(name, compression):
     # Dropout is live: other masks (another tracker / generator seed) give other gradients.
     other_loss, _ = gradients(recipe.kind, config, moe, batch, rng_seed=SEED + 1)
     assert not torch.allclose(plain_loss, other_loss)
-    for granularity in ("full", "selective"):
-        cfg = replace(config, recompute_granularity=granularity)
+    for granularity, method, layers in (("full", None, None), ("full", "uniform", 2),
+                                        ("full", "block", 1), ("selective", None, None)):
+        cfg = replace(config, recompute_granularity=granularity, recompute_method=method,
+                      recompute_num_layers=layers)
         loss, grads = gradients(recipe.kind, cfg, moe, batch)
         torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
         _assert_same_grads(grads, plain)
@@ -150,7 +152,10 @@ def test_recompute_gives_the_same_gradients_with_dropout(name, compression):
 PAPER = {"t5-moe": (9288 * M, 8594 * M, 0.02, 0.02),
          "gpt-moe-15b": (14629 * M, 14507 * M, 0.02, 0.02),
          "gpt-moe-52b": (51740 * M, 51539 * M, 0.02, 0.02),
-         "roberta-moe": (394 * M, 302 * M, 0.04, 0.01)}
+         "roberta-moe": (394 * M, 302 * M, 0.04, 0.01),
+         # Not the paper's: Mixtral 8x7B's published total (46.7B) and its expert weights,
+         # 32 layers x 8 experts x 3 SwiGLU matrices of 4096 x 14336.
+         "mixtral-8x7b": (46700 * M, 32 * 8 * 3 * 4096 * 14336, 0.001, 0.0)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -196,8 +201,9 @@ def test_one_expert_moe_is_the_dense_mlp():
     recipe = get_recipe("tiny-gpt-moe")
     config = replace(recipe.model(), seq_length=32)
     dense = build("gpt", config, MoEConfig())
-    moe = build("gpt", config, MoEConfig(num_experts=1, router_topk=1, moe_layer_freq=2,
-                                         aux_loss_coeff=0.0, z_loss_coeff=0.0))
+    moe = build("gpt", config, MoEConfig(num_experts=1, router_topk=1,
+                                         moe_layer_freq=[0, 1, 0, 1], aux_loss_coeff=0.0,
+                                         z_loss_coeff=0.0))
     dense_state, moe_state = dense.state_dict(), moe.state_dict()
     moe.load_state_dict({**moe_state, **{n: dense_state[n] for n in moe_state
                                           if n in dense_state}})

@@ -110,7 +110,7 @@ def test_synthetic_batches_are_pinned(kind):
 def test_seed_scheme_is_pinned():
     assert {p.name: int(p) for p in SeedPart} == {
         "LAYER": 0, "MOE": 1, "FINAL_LAYERNORM": 7, "EMBEDDING": 17, "OUTPUT": 29,
-        "MLM_HEAD": 31}
+        "MLM_HEAD": 31, "SHARED_EXPERT": 37}
     assert layer_seed(1234, 3, SeedPart.MOE) == 1234004006
     assert layer_seed(1234, 0, SeedPart.MLM_HEAD) == 1234003733
     assert layer_seed(1234, 5) == layer_seed(1234, 5, SeedPart.LAYER)
