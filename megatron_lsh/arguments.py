@@ -18,6 +18,7 @@ import dataclasses
 import typing
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from megatron_lsh.compat import add_compat_flags, check_compat_flags
 from megatron_lsh.config import (SECTIONS, ConfigError, MegatronLSHConfig, MoEConfig,
                                  replace_config)
 from megatron_lsh.moe.compressors import compressor_classes
@@ -123,6 +124,7 @@ def build_parser(extra_args_provider: Optional[Callable[[argparse.ArgumentParser
                                           f"(with --moe-a2a-compression {name})")
         for f in dataclasses.fields(options_cls):
             _add_field_flag(group, options_cls, f, FlagTarget("moe", f.name, name), table)
+    add_compat_flags(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser
@@ -156,9 +158,14 @@ def _compression_options(moe: MoEConfig, given: dict, table: dict) -> Any:
 def config_from_namespace(namespace: argparse.Namespace,
                           base: Optional[Union[MegatronLSHConfig, Mapping[str, Any]]] = None
                           ) -> MegatronLSHConfig:
-    """Build the config from parsed flags over ``base`` section configs; raises ConfigError."""
+    """Build the config from parsed flags over ``base`` section configs; raises ConfigError.
+
+    Megatron flags without a setting (:mod:`megatron_lsh.compat`) are checked first: a
+    refused one raises; the accepted no-ops given are left in ``namespace.compat_accepted``.
+    """
     table: dict[str, FlagTarget] = getattr(namespace, "_flag_table", None) or \
         build_parser().get_default("_flag_table")
+    namespace.compat_accepted = check_compat_flags(namespace)
     if isinstance(base, MegatronLSHConfig):
         base = {name: getattr(base, name) for name in SECTIONS}
     base = dict(base or {})
@@ -194,11 +201,15 @@ def parse_args_with_namespace(argv: Optional[Sequence[str]] = None,
     """Parse ``argv`` (sys.argv[1:] when None) into a config and the raw namespace.
 
     The namespace holds only flags given on the command line plus every flag added by
-    ``extra_args_provider`` (with its own defaults). A bad value ends in ``parser.error``.
+    ``extra_args_provider`` (with its own defaults). ``base`` may be a function of that
+    namespace returning the base (raising ConfigError when the flags do not allow one). A bad
+    value ends in ``parser.error``.
     """
     parser = build_parser(extra_args_provider)
     namespace = parser.parse_args(argv)
     try:
+        if callable(base):   # chosen from the flags given (e.g. a recipe named by one)
+            base = base(namespace)
         config = config_from_namespace(namespace, base)
     except ConfigError as error:
         parser.error(str(error))

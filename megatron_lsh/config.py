@@ -148,7 +148,8 @@ def parse_moe_layer_freq(text: str):
 class ModelConfig:
     """Transformer shape and initialisation."""
 
-    num_layers: int = setting(2, "--num-layers", "Transformer layers (T5: encoder layers).")
+    num_layers: int = setting(2, "--num-layers", "Transformer layers (T5: encoder layers).",
+                              flag_aliases=("--encoder-num-layers",))
     hidden_size: int = setting(64, "--hidden-size", "Width of the residual stream.")
     ffn_hidden_size: Optional[int] = setting(
         None, "--ffn-hidden-size", "Width of the MLP / each expert; 4 x hidden-size when not given.")
@@ -156,7 +157,8 @@ class ModelConfig:
     kv_channels: Optional[int] = setting(
         None, "--kv-channels",
         "Width of each attention head; hidden-size / num-attention-heads when not given.")
-    seq_length: int = setting(128, "--seq-length", "Tokens per sample (T5: encoder length).")
+    seq_length: int = setting(128, "--seq-length", "Tokens per sample (T5: encoder length).",
+                              flag_aliases=("--encoder-seq-length",))
     max_position_embeddings: Optional[int] = setting(
         None, "--max-position-embeddings", "Rows of the learned position table; seq-length "
         "when not given.")
@@ -421,6 +423,11 @@ class OptimizerConfig:
         None, "--lr-decay-iters",
         "Iterations over which the learning rate decays; train-iters when not given.")
     lr_warmup_iters: int = setting(0, "--lr-warmup-iters", "Linear warmup iterations.")
+    lr_decay_samples: Optional[int] = setting(
+        None, "--lr-decay-samples", "With --train-samples: samples over which the learning rate "
+        "decays; train-samples when not given.")
+    lr_warmup_samples: int = setting(0, "--lr-warmup-samples",
+                                     "With --train-samples: linear warmup samples.")
     lr_warmup_fraction: Optional[float] = setting(
         None, "--lr-warmup-fraction",
         "Warmup as a fraction of lr-decay-iters (instead of lr-warmup-iters).")
@@ -431,6 +438,9 @@ class OptimizerConfig:
     clip_grad: float = setting(1.0, "--clip-grad", "Clip the global gradient norm (0: off).")
     bf16: bool = setting(False, "--bf16", "Train in bfloat16 with fp32 master weights.")
     fp16: bool = setting(False, "--fp16", "Train in float16 with dynamic loss scaling.")
+    loss_scale: Optional[float] = setting(
+        None, "--loss-scale", "Static loss scale with --fp16 / --bf16 (steps whose gradients "
+        "overflow are still skipped); fp16 scales dynamically when not given.")
     initial_loss_scale: float = setting(2.0 ** 32, "--initial-loss-scale",
                                         "Starting dynamic loss scale (fp16).")
     min_loss_scale: float = setting(1.0, "--min-loss-scale", "Smallest dynamic loss scale.")
@@ -440,7 +450,16 @@ class OptimizerConfig:
                               "Overflows tolerated before the loss scale shrinks.")
 
     def __post_init__(self):
-        check_non_negative(self, "lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")
+        check_non_negative(self, "lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad",
+                           "lr_warmup_samples")
+        if self.lr_decay_samples is not None:
+            check_positive(self, "lr_decay_samples")
+        if self.loss_scale is not None:
+            check_positive(self, "loss_scale")
+        require(not (self.lr_warmup_samples and self.lr_warmup_iters),
+                "--lr-warmup-samples and --lr-warmup-iters cannot both be set")
+        require(not (self.lr_decay_samples and self.lr_decay_iters),
+                "--lr-decay-samples and --lr-decay-iters cannot both be set")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}: with a learning rate of 0 "
                              f"the weights never change")
         require(self.min_lr <= self.lr, f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
@@ -480,7 +499,13 @@ class TrainingConfig:
     global_batch_size: Optional[int] = setting(
         None, "--global-batch-size", "Samples per optimizer step (accumulates micro-batches); "
         "micro-batch-size x data-parallel-size when not given.")
-    train_iters: int = setting(100, "--train-iters", "Optimizer steps to train for.")
+    train_iters: Optional[int] = setting(
+        None, "--train-iters", "Optimizer steps to train for (100 when neither it nor "
+        "--train-samples is given).")
+    train_samples: Optional[int] = setting(
+        None, "--train-samples", "Samples to train for, instead of --train-iters: the run "
+        "takes train-samples // global-batch-size steps, and --lr-warmup-samples / "
+        "--lr-decay-samples set the schedule in samples.")
     seed: int = setting(1234, "--seed", "Random seed.")
     eval_interval: int = setting(100, "--eval-interval", "Iterations between validation runs.")
     eval_iters: int = setting(10, "--eval-iters", "Batches per validation run.")
@@ -493,7 +518,15 @@ class TrainingConfig:
         "On SIGTERM, save a checkpoint at the end of the iteration and exit.")
 
     def __post_init__(self):
-        check_positive(self, "micro_batch_size", "train_iters", "eval_interval")
+        if self.train_samples is None:
+            _derive(self, "train_iters", 100)
+        else:
+            check_positive(self, "train_samples")
+            require(self.train_iters is None,
+                    "--train-iters and --train-samples cannot both be set")
+        check_positive(self, "micro_batch_size", "eval_interval")
+        if self.train_iters is not None:
+            check_positive(self, "train_iters")
         check_non_negative(self, "eval_iters")
         for name in ("global_batch_size", "exit_interval", "exit_duration_in_mins"):
             if getattr(self, name) is not None:
@@ -505,7 +538,8 @@ class TrainingConfig:
 
 
 def _check_data_path(flag: str, paths: list) -> None:
-    """Either one prefix, or alternating 'weight prefix' pairs with non-negative weights."""
+    """Prefixes alone (blended by size, as Megatron), or alternating 'weight prefix' pairs with
+    non-negative weights."""
     def is_number(text):
         try:
             float(text)
@@ -514,8 +548,9 @@ def _check_data_path(flag: str, paths: list) -> None:
             return False
 
     if not paths or not is_number(paths[0]):
-        require(len(paths) <= 1, f"{flag} with several prefixes needs a weight before each "
-                                 f"one ('W1 P1 W2 P2 ...'), got {' '.join(paths)!r}")
+        require(not any(is_number(p) for p in paths),
+                f"{flag} must be prefixes only ('P1 P2 ...', blended by size) or alternate "
+                f"weights and prefixes ('W1 P1 W2 P2 ...'), got {' '.join(paths)!r}")
         return
     require(len(paths) % 2 == 0 and all(is_number(w) for w in paths[0::2]),
             f"{flag} must alternate weights and prefixes ('W1 P1 W2 P2 ...'), "
@@ -530,8 +565,12 @@ class DataConfig:
     """Datasets and tokenizer."""
 
     data_path: list = setting(
-        flag="--data-path", help="Dataset prefixes, optionally weighted: 'P' or "
-        "'W1 P1 W2 P2 ...'.", default_factory=list, nargs="+", show_default=False)
+        flag="--data-path", help="Dataset prefixes: 'P', 'P1 P2 ...' (blended in proportion to "
+        "their tokens) or 'W1 P1 W2 P2 ...'.", default_factory=list, nargs="+",
+        show_default=False)
+    mock_data: bool = setting(
+        False, "--mock-data", "Train on generated random-token documents instead of a corpus "
+        "(Megatron's smoke-test data; written once to --data-cache-path or the temp folder).")
     train_data_path: list = setting(
         flag="--train-data-path", help="Separate train prefixes (instead of --data-path cut by "
         "--split).", default_factory=list, nargs="+", show_default=False)
@@ -555,6 +594,8 @@ class DataConfig:
     num_workers: int = setting(0, "--num-workers", "Data-loader worker processes.")
 
     def __post_init__(self):
+        # Launch scripts often leave quotes in the value ("--split '99,1,0'"), as Megatron takes.
+        self.split = self.split.strip().strip("'\"").replace(" ", "")
         parts = self.split.replace("/", ",").split(",")
         require(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and len(parts) <= 3
                 and sum(float(p) for p in parts) > 0,
@@ -648,7 +689,39 @@ class MegatronLSHConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        self.optimizer.schedule_iters(self.training.train_iters)
+        if self.training.train_iters is not None:
+            self.optimizer.schedule_iters(self.training.train_iters)
+        require(not (self.data.mock_data and (self.data.data_path or self.data.train_data_path)),
+                "--mock-data generates its own documents; it cannot be combined with "
+                "--data-path / --train-data-path")
+        o = self.optimizer
+        if self.training.train_samples is None:
+            require(not (o.lr_warmup_samples or o.lr_decay_samples),
+                    "--lr-warmup-samples / --lr-decay-samples need --train-samples "
+                    "(with --train-iters use --lr-warmup-iters / --lr-decay-iters)")
+        else:
+            require(not (o.lr_warmup_iters or o.lr_decay_iters),
+                    "with --train-samples the schedule is in samples: use --lr-warmup-samples "
+                    "/ --lr-decay-samples (or --lr-warmup-fraction)")
+
+    def resolved_for_batch(self, global_batch_size: int) -> "MegatronLSHConfig":
+        """This config with a sample-based length (``--train-samples``, ``--lr-*-samples``)
+        turned into iterations at ``global_batch_size`` (itself when it has none): the run takes
+        ``train_samples // global_batch_size`` steps, and the schedule's warmup and decay lengths
+        become fractional iterations, so the learning rate at each step is Megatron's at the
+        samples consumed by then."""
+        tr, o = self.training, self.optimizer
+        if tr.train_samples is None:
+            return self
+        iters = tr.train_samples // global_batch_size
+        require(iters > 0, f"--train-samples ({tr.train_samples}) is smaller than one global "
+                           f"batch ({global_batch_size} samples)")
+        training = dataclasses.replace(tr, train_samples=None, train_iters=iters)
+        optimizer = dataclasses.replace(
+            o, lr_warmup_samples=0, lr_decay_samples=None,
+            lr_warmup_iters=o.lr_warmup_samples / global_batch_size,
+            lr_decay_iters=(o.lr_decay_samples or tr.train_samples) / global_batch_size)
+        return dataclasses.replace(self, training=training, optimizer=optimizer)
 
     def to_dict(self) -> dict:
         """Plain nested dict (stored in checkpoints and logs)."""

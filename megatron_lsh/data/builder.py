@@ -56,10 +56,12 @@ def split_document_ranges(split: Union[str, Sequence[float]], num_documents: int
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], List[float]]:
+def parse_data_path(data_path: Union[str, Sequence[str]]
+                    ) -> Tuple[List[str], Optional[List[float]]]:
     """``['a']`` -> (['a'], [1.0]); ``['0.7', 'a', '0.3', 'b']`` -> (['a', 'b'], [0.7, 0.3]).
 
-    Several prefixes without weights are blended equally.
+    Several prefixes without weights give weights None: the builder blends them in proportion
+    to their tokens (as Megatron blends unweighted prefixes by size).
     """
     items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
     if not items:
@@ -72,7 +74,7 @@ def parse_data_path(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Li
             return None
 
     if number(items[0]) is None:
-        return items, [1.0] * len(items)
+        return items, ([1.0] if len(items) == 1 else None)
     if len(items) % 2:
         raise DataError(f"data path {' '.join(items)!r} must alternate weights and prefixes")
     weights = [number(w) for w in items[0::2]]
@@ -100,6 +102,15 @@ def dataset_class(kind: Union[str, Type]) -> Type:
     if kind not in DATASET_KINDS:
         raise DataError(f"dataset kind {kind!r} is not one of {', '.join(DATASET_KINDS)}")
     return DATASET_KINDS[kind]
+
+
+def _tokens_in(prefix: str, document_range: Optional[Tuple[int, int]]) -> float:
+    """Tokens of ``prefix`` within ``document_range`` (all of it when None)."""
+    indexed = IndexedDataset(prefix)
+    lo, hi = document_range or (0, indexed.num_documents)
+    doc_index = indexed.document_indices
+    first, last = int(doc_index[lo]), int(doc_index[hi])
+    return float(indexed.sequence_lengths[first:last].sum())
 
 
 def build_train_valid_test_datasets(kind: Union[str, Type], *, seq_length: int, seed: int,
@@ -155,6 +166,11 @@ def build_train_valid_test_datasets(kind: Union[str, Type], *, seq_length: int, 
         if len(prefixes) == 1:
             results.append(_make(cls, prefixes[0], ranges[0], n, name, **opts))
             continue
+        if weights is None:
+            weights = [_tokens_in(p, r) for p, r in zip(prefixes, ranges)]
+            if log is not None:
+                log(f" > {name}: unweighted blend, by tokens: "
+                    + ", ".join(f"{p} {w / sum(weights):.3f}" for p, w in zip(prefixes, weights)))
         if n is None:
             raise DataError(f"the {name} blend of {len(prefixes)} datasets needs a sample count")
         counts = blended_sample_counts(weights, n)

@@ -49,6 +49,13 @@ class ConstantLossScaler(LossScaler):
         super().__init__(scale)
 
 
+class StaticLossScaler(ConstantLossScaler):
+    """Megatron's ``--loss-scale``: a fixed scale, but overflowing steps are still detected and
+    skipped (as Megatron's ``ConstantGradScaler`` does); the scale never changes."""
+
+    dynamic = True
+
+
 class DynamicLossScaler(LossScaler):
     """The fp16 scaler: back off on overflow (after ``hysteresis`` overflows), grow when clean.
 

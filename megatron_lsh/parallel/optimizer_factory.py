@@ -14,12 +14,16 @@ from megatron_lsh.config import OptimizerConfig
 from megatron_lsh.parallel.data_parallel import DistributedDataParallel
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.distributed_optimizer import DistributedOptimizer
-from megatron_lsh.parallel.loss_scaler import ConstantLossScaler, DynamicLossScaler, LossScaler
+from megatron_lsh.parallel.loss_scaler import (ConstantLossScaler, DynamicLossScaler, LossScaler,
+                                               StaticLossScaler)
 from megatron_lsh.parallel.optimizer import MixedPrecisionOptimizer
 
 
 def build_loss_scaler(config: OptimizerConfig) -> LossScaler:
-    """Dynamic scaling for fp16 (the config's initial scale, window, hysteresis), else 1."""
+    """``--loss-scale`` when given (fp16 or bf16, static), else dynamic scaling for fp16 (the
+    config's initial scale, window, hysteresis), else 1."""
+    if config.loss_scale is not None and (config.fp16 or config.bf16):
+        return StaticLossScaler(config.loss_scale)
     if config.fp16:
         return DynamicLossScaler(config.initial_loss_scale, config.min_loss_scale,
                                  growth_interval=config.loss_scale_window,

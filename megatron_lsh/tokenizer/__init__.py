@@ -9,7 +9,8 @@ from typing import Optional
 
 from .base import AbstractTokenizer, NullTokenizer, TokenizerError, sentinel_token
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "BertWordPieceCase", "BertWordPieceLowerCase",
                    "NullTokenizer")
 
 __all__ = ["AbstractTokenizer", "NullTokenizer", "TokenizerError", "TOKENIZER_TYPES",
@@ -23,7 +24,10 @@ def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
     """Build a tokenizer by Megatron type name.
 
     - ``GPT2BPETokenizer``: ``vocab_file`` (vocab.json) + ``merge_file`` (merges.txt).
-    - ``SentencePieceTokenizer``: ``tokenizer_model`` (a ``.model`` file).
+    - ``SentencePieceTokenizer``, ``Llama2Tokenizer`` (the same: Llama 2 ships a SentencePiece
+      model): ``tokenizer_model`` (a ``.model`` file).
+    - ``BertWordPieceCase`` / ``BertWordPieceLowerCase``: ``vocab_file`` (BERT's vocab.txt);
+      needs the ``tokenizers`` package.
     - ``HuggingFaceTokenizer``: ``tokenizer_model`` (tokenizer.json or its folder), or
       ``vocab_file`` + ``merge_file``; needs the ``tokenizers`` package.
     - ``NullTokenizer``: ``vocab_size``; text is whitespace-separated ids.
@@ -34,13 +38,17 @@ def build_tokenizer(tokenizer_type: str, vocab_file: Optional[str] = None,
     if tokenizer_type == "GPT2BPETokenizer":
         from .gpt2_bpe import GPT2BPETokenizer
         return GPT2BPETokenizer(vocab_file, merge_file, vocab_extra_ids=vocab_extra_ids)
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in ("SentencePieceTokenizer", "Llama2Tokenizer"):
         from .sp_tokenizer import SentencePieceTokenizer
         return SentencePieceTokenizer(tokenizer_model, vocab_extra_ids=vocab_extra_ids)
     if tokenizer_type == "HuggingFaceTokenizer":
         from .hf_tokenizer import HuggingFaceTokenizer
         return HuggingFaceTokenizer(tokenizer_model, vocab_file, merge_file,
                                     vocab_extra_ids=vocab_extra_ids)
+    if tokenizer_type in ("BertWordPieceCase", "BertWordPieceLowerCase"):
+        from .wordpiece import BertWordPieceTokenizer
+        return BertWordPieceTokenizer(vocab_file, tokenizer_type.endswith("LowerCase"),
+                                      vocab_extra_ids=vocab_extra_ids)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size, vocab_extra_ids=vocab_extra_ids)
     raise TokenizerError(f"tokenizer type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")

@@ -59,6 +59,27 @@ def _check_data(config: MegatronLSHConfig, groups: ProcessGroups,
         raise error
 
 
+def _with_mock_data(config: MegatronLSHConfig, tokenizer,
+                    log: Callable[[str], None]) -> MegatronLSHConfig:
+    """The config with ``--data-path`` set to the mock corpus (rank 0 writes it, others wait)."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from megatron_lsh.data.mock import mock_data_prefix
+
+    vocab = tokenizer.base_vocab_size if tokenizer is not None else config.model.vocab_size
+    eod = tokenizer.eod if tokenizer is not None else None
+    args = (config.data.data_cache_path, vocab, config.model.seq_length, config.training.seed, eod)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        prefix = mock_data_prefix(*args)
+        log(f"> --mock-data: random documents over {vocab} token ids in {prefix}")
+    if dist.is_initialized():
+        dist.barrier()
+    prefix = mock_data_prefix(*args)   # exists now: only computes the name
+    data = dataclasses.replace(config.data, mock_data=False, data_path=[prefix])
+    return dataclasses.replace(config, data=data)
+
+
 class RunData:
     """Train / validation datasets of a run and iterators over this rank's micro-batches."""
 
@@ -68,10 +89,13 @@ class RunData:
         from megatron_lsh.data.special_tokens import SpecialTokenIds
 
         d = config.data
+        if d.mock_data:
+            config = _with_mock_data(config, tokenizer, log)
+            d = config.data
         if not d.data_path and not d.train_data_path:
             raise ConfigError("no training data: pass --data-path PREFIX or --train-data-path "
                               "PREFIX (a preprocessed .bin/.idx prefix, optionally with blend "
-                              "weights)")
+                              "weights), or --mock-data for a smoke run")
         self.config, self.groups = config, groups
         self.global_batch_size = global_batch_size
         tr = config.training

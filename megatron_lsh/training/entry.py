@@ -1,7 +1,14 @@
-"""Shared body of the ``pretrain_*_moe.py`` entry points: recipe defaults, flags, run.
+"""Shared body of the ``pretrain_*_moe.py`` entry points: where the model comes from, flags, run.
 
-``--model-recipe NAME`` (see ``python -m megatron_lsh.models.recipes --list``) supplies the
-whole model and MoE config as the base; any explicit flag overrides a field of it.
+The model is defined in one of three ways:
+
+* ``--model-recipe NAME`` (``python -m megatron_lsh.models.recipes --list``) supplies the whole
+  model and MoE config; any explicit flag overrides a field of it.
+* Model flags without a recipe, as in Megatron-LM: the model is what the flags say and nothing
+  else. ``--num-layers``, ``--hidden-size``, ``--num-attention-heads`` and ``--seq-length`` are
+  then required (an error names the missing ones), every other field has Megatron's default,
+  and without ``--num-experts`` the model is dense.
+* Neither: the entry point's default tiny recipe, announced on the first line of output.
 """
 from __future__ import annotations
 
@@ -19,6 +26,38 @@ def recipe_base(name: str, num_layers: Optional[int] = None) -> dict:
     from megatron_lsh.models.recipes import get_recipe
     recipe = get_recipe(name)
     return {"model": recipe.model(), "moe": recipe.moe(num_layers)}
+
+
+MODEL_DEFINING = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                  "seq_length", "max_position_embeddings", "num_experts")
+"""Flags (as namespace names) that define a model: given without a recipe, the flags alone do."""
+REQUIRED_WITHOUT_RECIPE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+"""What Megatron-LM requires of a model defined by flags."""
+
+
+def base_for(namespace: argparse.Namespace, default_recipe: str) -> dict:
+    """The base configs a run's flags call for (see the module docstring); ConfigError when
+    model flags without a recipe leave required ones out."""
+    given = set(vars(namespace))
+    name = namespace.model_recipe
+    if name is None and given & set(MODEL_DEFINING):
+        missing = [n for n in REQUIRED_WITHOUT_RECIPE if n not in given]
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise ConfigError(f"without --model-recipe the model is defined by its flags alone, "
+                              f"and {flags} {'is' if len(missing) == 1 else 'are'} missing "
+                              f"(or start from a recipe: --model-recipe NAME)")
+        return {}
+    if name is None:
+        name = default_recipe
+        if os.environ.get("RANK", "0") == "0":
+            print(f"> no --model-recipe and no model flags: using the {name} recipe", flush=True)
+    num_layers = getattr(namespace, "num_layers", None)
+    relayout = num_layers if "moe_layer_freq" not in given else None
+    try:
+        return recipe_base(name, relayout)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
 
 
 def _recipe_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -53,15 +92,12 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
     from megatron_lsh.training.loop import TrainingError, pretrain
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    _recipe_flag(pre)
-    known, _ = pre.parse_known_args(argv)
-    try:
-        base = recipe_base(known.model_recipe or default_recipe)
-    except KeyError as error:
-        print(f"error: {error.args[0]}", file=sys.stderr)
-        return 2
-    config, _ = parse_args_with_namespace(argv, base, extra_args_provider=_recipe_flag)
+    config, namespace = parse_args_with_namespace(
+        argv, lambda ns: base_for(ns, default_recipe), extra_args_provider=_recipe_flag)
+    if namespace.compat_accepted and os.environ.get("RANK", "0") == "0":
+        from megatron_lsh.compat import describe
+        for flag in namespace.compat_accepted:
+            print(f"> {flag}: accepted, nothing to do: {describe(flag)}", flush=True)
     from megatron_lsh.data.errors import DataError
     from megatron_lsh.tokenizer import TokenizerError
     from megatron_lsh.training.checkpointing import CheckpointError

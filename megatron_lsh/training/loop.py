@@ -98,6 +98,11 @@ class Trainer:
                          self.task.decoder_num_layers(cfg.model))
         gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dims.dp
         self.global_batch_size = gbs
+        resolved = cfg.resolved_for_batch(gbs)
+        if resolved is not cfg:
+            self.log(f"> --train-samples {cfg.training.train_samples} at {gbs} samples per "
+                     f"step: {resolved.training.train_iters} iterations")
+            self.config = cfg = resolved
         self.num_microbatches = dims.check_batch(gbs, cfg.training.micro_batch_size)
         self.groups = ProcessGroups.build(dims)
         mp_random.model_parallel_seed(cfg.training.seed, self.groups)

@@ -330,7 +330,7 @@ def test_parse_split():
 def test_parse_data_path():
     assert parse_data_path(["a"]) == (["a"], [1.0])
     assert parse_data_path("0.3 a 0.7 b") == (["a", "b"], [0.3, 0.7])
-    assert parse_data_path(["a", "b"]) == (["a", "b"], [1.0, 1.0])
+    assert parse_data_path(["a", "b"]) == (["a", "b"], None)   # blended by tokens
     with pytest.raises(DataError, match="alternate weights and prefixes"):
         parse_data_path(["0.3", "a", "0.7"])
     with pytest.raises(DataError, match="not a non-negative number"):

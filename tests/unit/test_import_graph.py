@@ -34,6 +34,7 @@ LAYERS: Dict[str, int] = {
     "models": 3,
     "training": 4,
     "arguments": 4,
+    "compat": 4,
 }
 """The layer of each component (a top-level module or subpackage of ``megatron_lsh``).
 
@@ -41,7 +42,8 @@ A module may import modules of its own layer or of a lower one, never of a highe
 ``config`` (with the package ``__init__``) < ``parallel`` (process groups, parallel layers,
 optimizers) < ``moe`` (router, dispatcher, experts, compression) < ``models`` (GPT, RoBERTa,
 T5 built from those) < ``training`` (the loop, tasks, checkpoints) and ``arguments`` (the
-command line, which fills the config for the training entry points).
+command line, which fills the config for the training entry points) with ``compat`` (the
+Megatron-LM flags the command line accepts or refuses without a setting).
 """
 
 SIDE_COMPONENTS: Dict[str, Set[str]] = {
