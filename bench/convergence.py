@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_lsh.training.logger import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "none": ["--moe-a2a-compression", "none"],
@@ -59,7 +61,7 @@ def run_variant(name: str, args: argparse.Namespace, workdir: str) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in open(metrics) if line.strip()]
+    rows = read_metrics(str(metrics))   # iteration records (not validation)
     valid = [(int(i), float(v)) for i, v in VALID_RE.findall(proc.stdout)]
     return {"rows": rows, "valid": valid}
 

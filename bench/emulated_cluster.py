@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from netns import EmulatedCluster, NetnsError, check_supported  # noqa: E402
+from megatron_lsh.training.logger import read_metrics  # noqa: E402
 
 COMPRESSORS: Dict[str, List[str]] = {
     "none": ["--moe-a2a-compression", "none"],
@@ -201,7 +202,7 @@ def run_one(cluster: EmulatedCluster, args: argparse.Namespace, model: str, name
     launch(cluster, trainer_argv(args, model, flags, metrics), run_dir, nproc=args.nproc,
            port=port, timeout=args.run_timeout, code_dir=Path(args.code_dir))
     after = cluster.link_stats()
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(str(metrics))   # iteration records (not validation)
     link = {k: after[k] - before[k] for k in after}
     return [r for r in rows if r["iteration"] > args.warmup], link
 

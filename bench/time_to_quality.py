@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulated_cluster import launch  # noqa: E402
 from netns import EmulatedCluster, NetnsError  # noqa: E402
 from trainer_runs import MODELS, REPO, VALID_RE, data_ready, trainer_flags  # noqa: E402
+from megatron_lsh.training.logger import read_metrics  # noqa: E402
 
 LSH = ["--moe-a2a-compression", "lsh"]
 VARIANTS = {
@@ -103,7 +104,7 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     logs = [log.read_text(errors="replace") for log in launch(
         cluster, [str(args.code_dir / spec["script"]), *trainer_args], run_dir,
         nproc=args.nproc, port=port, timeout=args.run_timeout, code_dir=args.code_dir)]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(str(metrics))   # iteration records (not validation)
     valid = [(int(i), float(v)) for log in logs for i, v in VALID_RE.findall(log)]
     elapsed, total = {0: 0.0}, 0.0
     for r in rows:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_lsh.training.logger import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 VALID_RE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.Ee+-]+)")
 
@@ -105,7 +107,7 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
     if proc.returncode != 0:
         raise RuntimeError(f"{key} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(str(metrics))   # iteration records (not validation)
     valid = [(int(i), float(v)) for i, v in VALID_RE.findall(proc.stdout)]
     result = {"model": model, "variant": name, "flags": flags, "seed": seed, "iters": iters,
               "wall_s": time.perf_counter() - start, "valid": valid,

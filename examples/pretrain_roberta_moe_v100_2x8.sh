@@ -4,18 +4,19 @@
 #   NODE_RANK=0 MASTER_ADDR=node0 bash examples/pretrain_roberta_moe_v100_2x8.sh DATA SPM_MODEL
 # Layout: DP=16 over 16 GPUs, EP=16 (one expert per GPU), fp16 with dynamic loss scaling
 # (V100 has no bf16). The paper reports 1.6x faster time-to-perplexity with LSH here.
+# COMPRESSION (lsh | none), RUN_DIR, DRY_RUN=1: see examples/lib.sh.
 set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source examples/lib.sh
 DATA=${1:?data prefix (sentence-level, --split-sentences)}; SPM=${2:?SentencePiece model}
 shift 2
-torchrun --nnodes 2 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
+setup_run roberta_moe
+run_cmd torchrun --nnodes 2 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
     --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-29500}" \
-    pretrain_roberta_moe.py --model-recipe roberta-moe \
-    --expert-model-parallel-size 16 --moe-a2a-compression lsh --moe-lsh-num-hashes 6 \
+    pretrain_roberta_moe.py --model-recipe roberta-moe --expert-model-parallel-size 16 \
     --data-path "$DATA" --split 949,50,1 --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model "$SPM" --micro-batch-size 16 --global-batch-size 2048 \
     --train-iters 125000 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 10000 \
     --lr-decay-style linear --weight-decay 0.01 --clip-grad 1.0 --fp16 \
-    --eval-interval 1000 --eval-iters 50 --log-interval 50 \
-    --save ckpt/roberta_moe --load ckpt/roberta_moe --save-interval 5000 \
-    --tensorboard-dir tb/roberta_moe --metrics-jsonl ckpt/roberta_moe/metrics.jsonl \
-    --exit-signal-handler --distributed-backend nccl "$@"
+    --eval-interval 1000 --eval-iters 50 --log-interval 50 --save-interval 5000 \
+    --exit-signal-handler --distributed-backend nccl "${RUN_FLAGS[@]}" "$@"

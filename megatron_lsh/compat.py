@@ -189,3 +189,23 @@ def describe(flag: str) -> Optional[str]:
     """The sentence for a compatibility flag (None when it is not one)."""
     spec = ACCEPTED.get(flag) or REFUSED.get(flag)
     return spec.reason if spec else None
+
+
+def markdown_table() -> str:
+    """The accepted and refused flags as markdown (``docs/MEGATRON.md`` holds this text)."""
+    lines = ["| flag | accepted as a no-op because |", "|---|---|"]
+    for flag, spec in ACCEPTED.items():
+        values = ACCEPTED_VALUES.get(flag)
+        shown = f"`{flag}`" + (f" ({', '.join(values)})" if values else "")
+        lines.append(f"| {shown} | {spec.reason} |")
+    lines += ["", "| flag or value | refused: what to do instead |", "|---|---|"]
+    for flag, reason in REFUSED_VALUES.items():
+        others = "other values" if flag in ACCEPTED_VALUES else "any value"
+        lines.append(f"| `{flag}` ({others}) | {reason} |")
+    for flag, spec in REFUSED.items():
+        lines.append(f"| `{flag}` | {spec.reason} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

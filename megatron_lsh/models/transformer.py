@@ -247,7 +247,7 @@ class TransformerLayer(nn.Module):
         if self.is_moe:
             y, losses = self.mlp(h)
             aux = losses["aux_loss"] + losses["z_loss"]
-            self.last_aux_loss = aux.detach()  # for per-layer logging
+            self.last_aux_loss = losses["aux_loss"].detach()  # the load-balancing part, logged
             if self.shared_expert is not None:
                 y = y + self.shared_expert(h)
         else:

@@ -4,18 +4,26 @@ The loop hands one :class:`IterationMetrics` per iteration to :meth:`TrainingLog
 
 - every ``log_interval`` iterations it prints Megatron's line (averages over the interval)::
 
-    iteration       20/     100 | consumed samples:          160 | elapsed time per iteration
-    (ms): 412.3 | learning rate: 2.000000E-04 | global batch size:     8 | lm loss: 7.012345E+00 |
-    loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | a2a compression
-    rate: 0.2031 | a2a bytes fwd/bwd: 1.049E+06/1.049E+06 |
+    [2026-12-02 10:00:00] iteration       20/     100 | consumed samples:          160 |
+    elapsed time per iteration (ms): 412.3 | learning rate: 2.000000E-04 | global batch
+    size:     8 | lm loss: 7.012345E+00 | loss scale: 1.0 | grad norm: 1.234 | number of
+    skipped iterations:   0 | number of nan iterations:   0 | load_balancing_loss:
+    1.002345E+00 | a2a compression rate: 0.2031 | a2a bytes fwd/bwd: 1.049E+06/1.049E+06 |
 
-  (one line; wrapped here). The loss is averaged over the interval's non-skipped iterations,
-  the time, compression rate and bytes over all of them; lr, loss scale, grad norm are the
-  latest values;
+  (one line; wrapped here). The loss is averaged over the interval's non-skipped iterations
+  whose loss is finite (the others count as nan iterations), the time, compression rate and
+  bytes over all of them; lr, loss scale, grad norm are the latest values.
+  ``load_balancing_loss`` is the router's load-balancing loss as Megatron reports it: without
+  its coefficient, the mean over MoE layers (shown when the coefficient is positive);
 - every iteration it writes TensorBoard scalars (Megatron's tag names, plus
   ``moe/layer{i}/<stat>`` for each MoE layer) and one JSON object to the ``--metrics-jsonl``
   file (:func:`metrics_record`): floats go through ``json.dumps``, which writes the shortest
-  repr that reads back as the identical float.
+  repr that reads back as the identical float;
+- every validation pass writes the box, ``<loss> validation`` scalars and a JSONL record
+  ``{"iteration", "consumed_samples", "validation": {"lm_loss": ..., "lm_loss_ppl": ...}}``
+  (:func:`read_metrics` splits the two kinds of record).
+
+:func:`format_arguments` is Megatron's arguments dump, printed once at start.
 
 Only the rank that owns the loss (the last pipeline stage, first TP/DP rank) should log; the
 others build the logger with ``enabled=False``.
@@ -26,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -177,6 +186,35 @@ class MetricsJsonlWriter:
             self._file.close()
 
 
+def read_metrics(path: str, kind: Optional[str] = "iteration") -> list:
+    """The records of a ``--metrics-jsonl`` file: ``kind`` 'iteration' (one per training
+    iteration), 'validation' (one per validation pass) or None (all, in file order)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if kind is None:
+        return records
+    want_validation = kind == "validation"
+    return [r for r in records if ("validation" in r) == want_validation]
+
+
+def format_arguments(config: Any, extra: Optional[Mapping[str, Any]] = None) -> str:
+    """Megatron's arguments dump: every setting, sorted by name, dotted to its value."""
+    flat: dict[str, Any] = {}
+    for section, values in dataclasses.asdict(config).items():
+        for name, value in values.items():
+            if isinstance(value, dict):   # a compressor's options
+                flat.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                flat[name] = value
+    flat.update(extra or {})
+    lines = ["------------------------ arguments ------------------------"]
+    for name in sorted(flat):
+        dots = "." * max(1, 48 - len(name))
+        lines.append(f"  {name} {dots} {flat[name]}")
+    lines.append("-------------------- end of arguments ---------------------")
+    return "\n".join(lines)
+
+
 def open_tensorboard(log_dir: str):
     """A ``SummaryWriter`` for ``log_dir``, or None (with a warning) if TensorBoard is missing."""
     try:
@@ -194,9 +232,13 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
                           grad_norm: Optional[float], skipped_iters: int,
                           compression_rate: Optional[float] = None,
                           bytes_fwd: Optional[float] = None,
-                          bytes_bwd: Optional[float] = None) -> str:
+                          bytes_bwd: Optional[float] = None, nan_iters: int = 0,
+                          load_balancing_loss: Optional[float] = None,
+                          timestamp: Optional[float] = None) -> str:
     """Megatron's per-interval log line, with the a2a fields when there are MoE layers."""
-    line = f" iteration {iteration:8d}/{train_iters:8d} |"
+    when = time.strftime("%Y-%m-%d %H:%M:%S",
+                         time.localtime(time.time() if timestamp is None else timestamp))
+    line = f" [{when}] iteration {iteration:8d}/{train_iters:8d} |"
     line += f" consumed samples: {consumed_samples:12d} |"
     line += f" elapsed time per iteration (ms): {ms_per_iter:.1f} |"
     line += f" learning rate: {lr:.6E} |"
@@ -207,6 +249,9 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
     line += f" number of skipped iterations: {skipped_iters:3d} |"
+    line += f" number of nan iterations: {nan_iters:3d} |"
+    if load_balancing_loss is not None:
+        line += f" load_balancing_loss: {load_balancing_loss:.6E} |"
     if compression_rate is not None:
         line += f" a2a compression rate: {compression_rate:.4f} |"
         line += f" a2a bytes fwd/bwd: {bytes_fwd or 0:.3E}/{bytes_bwd or 0:.3E} |"
@@ -235,8 +280,12 @@ class TrainingLogger:
 
     def __init__(self, config: LoggingConfig, *, train_iters: int, enabled: bool = True,
                  resume_iteration: Optional[int] = None, global_batch_size: Optional[int] = None,
+                 aux_loss_coeff: float = 0.0,
                  print_fn: Callable[[str], None] = lambda s: print(s, flush=True)):
+        """``aux_loss_coeff``: the router's load-balancing weight, to report the loss without
+        it (``load_balancing_loss``); 0 leaves that field out."""
         self.config, self.train_iters, self.enabled = config, train_iters, enabled
+        self.aux_loss_coeff = aux_loss_coeff
         self.global_batch_size = global_batch_size
         self.print_fn = print_fn
         self.tensorboard = None
@@ -248,7 +297,8 @@ class TrainingLogger:
         self._reset_interval()
 
     def _reset_interval(self) -> None:
-        self._count = self._advanced = self._skipped = 0
+        self._count = self._advanced = self._skipped = self._nan = 0
+        self._balance_iters, self._balance = 0, 0.0
         self._ms = 0.0
         self._losses: dict[str, float] = {}
         self._moe_iters = 0
@@ -280,7 +330,9 @@ class TrainingLogger:
             record["grad_norm"], self._skipped,
             self._rate / self._moe_iters if moe else None,
             self._bytes_fwd / self._moe_iters if moe else None,
-            self._bytes_bwd / self._moe_iters if moe else None)
+            self._bytes_bwd / self._moe_iters if moe else None, nan_iters=self._nan,
+            load_balancing_loss=(self._balance / self._balance_iters if self._balance_iters
+                                 else None))
         if self._timers:
             line += "\n" + format_timers_line({k: v / self._count
                                                for k, v in self._timers.items()})
@@ -293,18 +345,33 @@ class TrainingLogger:
         self._ms += float(m.ms_per_iter)
         for key, value in (record.get("timers") or {}).items():
             self._timers[key] = self._timers.get(key, 0.0) + value
+        values = {key: float(_number(value)) for key, value in m.losses.items()}
         if m.skipped:
             self._skipped += 1
+        elif not all(math.isfinite(v) for v in values.values()):
+            self._nan += 1
         else:
             self._advanced += 1
-            for key, value in m.losses.items():
-                self._losses[key] = self._losses.get(key, 0.0) + float(_number(value))
+            for key, value in values.items():
+                self._losses[key] = self._losses.get(key, 0.0) + value
+        balance = self.load_balancing_loss(record)
+        if balance is not None:
+            self._balance_iters += 1
+            self._balance += balance
         rates = [s["compression_rate"] for s in record["moe"] if s["compression_rate"] is not None]
         if rates:
             self._moe_iters += 1
             self._rate += sum(rates) / len(rates)
             self._bytes_fwd += sum(s["bytes_fwd"] or 0 for s in record["moe"])
             self._bytes_bwd += sum(s["bytes_bwd"] or 0 for s in record["moe"])
+
+    def load_balancing_loss(self, record: dict) -> Optional[float]:
+        """The iteration's load-balancing loss as Megatron reports it (unscaled, mean over MoE
+        layers), or None without MoE layers or a load-balancing weight."""
+        values = [s["aux_loss"] for s in record["moe"] if s.get("aux_loss") is not None]
+        if not values or self.aux_loss_coeff <= 0:
+            return None
+        return sum(values) / len(values) / self.aux_loss_coeff
 
     def _tensorboard_iteration(self, m: IterationMetrics, record: dict) -> None:
         tb, step, samples = self.tensorboard, m.iteration, record["consumed_samples"]
@@ -322,6 +389,10 @@ class TrainingLogger:
         tb.add_scalar("iteration-time", record["ms_per_iter"] / 1000.0, step)
         if record["tokens_per_s"] is not None:
             tb.add_scalar("throughput/tokens_per_s", record["tokens_per_s"], step)
+        balance = self.load_balancing_loss(record)
+        if balance is not None:
+            tb.add_scalar("load_balancing_loss", balance, step)
+            tb.add_scalar("load_balancing_loss vs samples", balance, samples)
         for name in MOE_REQUIRED_STATS:
             values = [s[name] for s in record["moe"] if s[name] is not None]
             if values:
@@ -341,6 +412,12 @@ class TrainingLogger:
             return None
         box = format_validation_box(iteration, losses, prefix)
         self.print_fn(box)
+        if self.jsonl is not None:
+            values = {_snake(k): float(_number(v)) for k, v in losses.items()}
+            values.update({f"{k}_ppl": math.exp(min(20.0, v)) for k, v in list(values.items())})
+            self.jsonl.write({"iteration": int(iteration),
+                              "consumed_samples": _number(consumed_samples),
+                              "validation": values})
         if self.tensorboard is not None:
             for key, value in losses.items():
                 value = _number(value)

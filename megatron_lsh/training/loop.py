@@ -36,7 +36,7 @@ from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embeddin
                                             forward_backward, sync_tied_embedding_weights)
 from megatron_lsh.training import checkpointing
 from megatron_lsh.training.data import build_data, build_run_tokenizer
-from megatron_lsh.training.logger import TrainingLogger
+from megatron_lsh.training.logger import TrainingLogger, format_arguments
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
 from megatron_lsh.training.tasks import Task, get_task
@@ -106,6 +106,7 @@ class Trainer:
         self.num_microbatches = dims.check_batch(gbs, cfg.training.micro_batch_size)
         self.groups = ProcessGroups.build(dims)
         mp_random.model_parallel_seed(cfg.training.seed, self.groups)
+        self.log(format_arguments(cfg, {"world_size": world, "data_parallel_size": dims.dp}))
         self.log(f"> layout: {dims}, micro-batches per step: {self.num_microbatches}")
 
         self.tokenizer = build_run_tokenizer(cfg)
@@ -143,8 +144,9 @@ class Trainer:
             self._load(cfg.checkpoint.load)
         self.data = build_data(cfg, self.task, self.groups, self.global_batch_size,
                                tokenizer=self.tokenizer, log=self.log)
+        balance = cfg.moe.aux_loss_coeff if cfg.moe.load_balancing_type != "none" else 0.0
         self.logger = TrainingLogger(cfg.logging, train_iters=cfg.training.train_iters,
-                                     enabled=(rank == world - 1),
+                                     enabled=(rank == world - 1), aux_loss_coeff=balance,
                                      global_batch_size=self.global_batch_size,
                                      resume_iteration=self.iteration or None,
                                      print_fn=self._log)
@@ -407,7 +409,8 @@ class Trainer:
         first_valid = last_valid = None
         if self.iteration == 0 and self.data.has_valid:
             first_valid = last_valid = self.evaluate()
-            self.logger.log_validation(0, {self.task.loss_name: first_valid})
+            self.logger.log_validation(0, {self.task.loss_name: first_valid},
+                                       self.consumed_samples)
         exit_reason, last = None, None
         while self.iteration < tr.train_iters:
             last = self.train_step(iterator)
@@ -416,7 +419,8 @@ class Trainer:
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.data.has_valid:
                 with self.watchdog.phase("evaluation", self.iteration):
                     last_valid = self.evaluate()
-                self.logger.log_validation(self.iteration, {self.task.loss_name: last_valid})
+                self.logger.log_validation(self.iteration, {self.task.loss_name: last_valid},
+                                           self.consumed_samples)
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
                 saved = True

@@ -1,7 +1,6 @@
 """Helpers for end-to-end tests: synthetic corpora and torchrun launches of the entry points."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def run_entry(kind: str, args: list[str], nproc: int, timeout: float = 300,
     return proc
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The JSON objects of a --metrics-jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str, kind: str = "iteration") -> list[dict]:
+    """The iteration (or ``kind='validation'``) records of a --metrics-jsonl file."""
+    from megatron_lsh.training.logger import read_metrics as read
+    return read(path, kind)

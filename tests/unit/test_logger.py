@@ -1,13 +1,15 @@
 """Training logs: the Megatron line and box, interval averages, JSONL records, TensorBoard."""
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from megatron_lsh.config import LoggingConfig
 from megatron_lsh.training.logger import (IterationMetrics, MetricsJsonlWriter, TrainingLogger,
-                                          format_validation_box, metrics_record)
+                                          format_arguments, format_validation_box,
+                                          metrics_record, read_metrics)
 
 
 def metrics(iteration, loss=2.0, skipped=False, ms=100.0, moe=True):
@@ -20,25 +22,33 @@ def metrics(iteration, loss=2.0, skipped=False, ms=100.0, moe=True):
                             tokens=8 * 128, moe=layers if moe else [])
 
 
-def test_log_line_has_megatron_fields_and_interval_averages():
+def test_log_line_has_megatron_fields_and_interval_averages(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1.8e9)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1.8e9))
     printed = []
-    logger = TrainingLogger(LoggingConfig(log_interval=3), train_iters=100, print_fn=printed.append)
+    logger = TrainingLogger(LoggingConfig(log_interval=4), train_iters=100, aux_loss_coeff=0.01,
+                            print_fn=printed.append)
     assert logger.log_iteration(metrics(1, loss=1.0, ms=100)) is None
     assert logger.log_iteration(metrics(2, loss=9.0, ms=300, skipped=True)) is None
-    line = logger.log_iteration(metrics(3, loss=3.0, ms=200))
+    assert logger.log_iteration(metrics(3, loss=float("nan"), ms=200)) is None
+    line = logger.log_iteration(metrics(4, loss=3.0, ms=200))
     assert printed == [line]
+    # Losses average over the iterations that advanced with a finite loss (1 and 4); the
+    # load-balancing loss is the layers' mean without the 0.01 weight: (1 + 2) / 2.
     assert line == (
-        " iteration        3/     100 | consumed samples:           24 |"
-        " elapsed time per iteration (ms): 200.0 | learning rate: 3.000000E-04 |"
+        f" [{stamp}] iteration        4/     100 | consumed samples:           32 |"
+        " elapsed time per iteration (ms): 200.0 | learning rate: 4.000000E-04 |"
         " global batch size:     8 | lm loss: 2.000000E+00 | loss scale: 65536.0 |"
         " grad norm: 1.500 | number of skipped iterations:   1 |"
+        " number of nan iterations:   1 | load_balancing_loss: 1.500000E+00 |"
         " a2a compression rate: 0.3000 | a2a bytes fwd/bwd: 4.000E+03/3.200E+03 |")
     # The next interval starts from scratch; a dense model has no a2a fields.
-    for i in (4, 5):
+    for i in (5, 6, 7):
         logger.log_iteration(metrics(i, loss=4.0, moe=False))
-    line = logger.log_iteration(metrics(6, loss=4.0, moe=False))
+    line = logger.log_iteration(metrics(8, loss=4.0, moe=False))
     assert "lm loss: 4.000000E+00 | loss scale" in line and "a2a" not in line
-    assert "number of skipped iterations:   0 |" in line
+    assert "number of skipped iterations:   0 | number of nan iterations:   0 |" in line
+    assert "load_balancing_loss" not in line
 
 
 def test_validation_box_is_megatron_style():
@@ -134,3 +144,32 @@ def test_a_record_shaped_dict_is_accepted():
     assert IterationMetrics.from_record(record, 16).tokens_per_s == record["tokens_per_s"]
     with pytest.raises(ValueError, match="no global_batch_size"):
         TrainingLogger(LoggingConfig(), train_iters=1).log_iteration(record)
+
+
+def test_validation_goes_to_the_jsonl_and_read_metrics_splits_the_records(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    logger = TrainingLogger(LoggingConfig(log_interval=10, metrics_jsonl=path), train_iters=10,
+                            print_fn=lambda s: None)
+    logger.log_iteration(metrics(1))
+    logger.log_validation(1, {"lm loss": 2.5}, consumed_samples=8)
+    logger.log_iteration(metrics(2))
+    logger.close()
+    assert [r["iteration"] for r in read_metrics(path)] == [1, 2]
+    (valid,) = read_metrics(path, "validation")
+    assert valid == {"iteration": 1, "consumed_samples": 8,
+                     "validation": {"lm_loss": 2.5, "lm_loss_ppl": pytest.approx(math.exp(2.5))}}
+    assert len(read_metrics(path, None)) == 3
+
+
+def test_arguments_dump_lists_every_setting_sorted():
+    from megatron_lsh.arguments import parse_args
+    text = format_arguments(parse_args(["--num-layers", "3", "--moe-a2a-compression", "lsh",
+                                        "--moe-lsh-num-hashes", "4"]),
+                            {"world_size": 4})
+    lines = text.splitlines()
+    assert lines[0].strip("- ") == "arguments" and lines[-1].strip("- ") == "end of arguments"
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names == sorted(names)
+    assert "  num_layers " + "." * (48 - len("num_layers")) + " 3" in lines
+    assert any(n.startswith("compression_options.num_hashes") for n in names)
+    assert "world_size" in names

@@ -238,3 +238,11 @@ def test_unknown_recipe_is_one_sentence(capsys):
 def test_refused_values_of_accepted_flags(argv, text):
     with pytest.raises(ConfigError, match=text):
         config_from_namespace(build_parser().parse_args(argv))
+
+
+def test_the_docs_list_is_the_modules():
+    from pathlib import Path
+
+    from megatron_lsh.compat import markdown_table
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "MEGATRON.md").read_text()
+    assert doc.rstrip().endswith(markdown_table()), "regenerate: python -m megatron_lsh.compat"
