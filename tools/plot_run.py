@@ -34,7 +34,7 @@ def metrics_path(run: str) -> Path:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist (give a run folder holding "
-                         f"metrics.jsonl, or the file)")
+                         f"metrics.jsonl, or the file; --metrics-jsonl writes it)")
     return path
 
 

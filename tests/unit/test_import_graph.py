@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 LAYERS: Dict[str, int] = {
     PACKAGE: 0,  # megatron_lsh/__init__.py
     "config": 0,
+    "settings": 0,
     "parallel": 1,
     "moe": 2,
     "models": 3,
