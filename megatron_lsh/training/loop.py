@@ -306,12 +306,19 @@ class Trainer:
         return total / count
 
     # -- 4. checkpoints -------------------------------------------------------------------------
+    @property
+    def _sharded_optimizer(self) -> bool:
+        """ZeRO-1: every data-parallel rank holds its own optimizer shard."""
+        return self.config.parallel.use_distributed_optimizer
+
     def state_dict(self) -> dict:
-        """Everything needed to resume exactly (this rank's share)."""
+        """Everything needed to resume exactly that every rank of a (tp, pp, ep) position
+        shares (the optimizer too, unless it is sharded over DP: see :meth:`save`)."""
         state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                  "model": self.model.state_dict(), "config": self.config.to_dict(),
                  "rng_state": mp_random.state_dict()}
-        state["optimizer"] = self.optimizer.state_dict()
+        if not self._sharded_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
         state["opt_param_scheduler"] = self.scheduler.state_dict()
         return state
 
@@ -322,8 +329,12 @@ class Trainer:
             return
         t0 = time.perf_counter()
         with self.watchdog.phase("checkpoint save", self.iteration):
+            # ZeRO-1 shards differ on every DP rank: each rank writes its own file.
+            per_dp = ({"optimizer": self.optimizer.state_dict()} if self._sharded_optimizer
+                      else None)
             final = checkpointing.save_checkpoint(
                 self.iteration, self.state_dict(), save_dir, self.groups, layout=self.layout,
+                per_dp_rank_state=per_dp,
                 keep_last=self.config.checkpoint.keep_last_n_checkpoints)
         self.log(f"> saved checkpoint at iteration {self.iteration} to {final} "
                  f"({time.perf_counter() - t0:.1f} s)")
@@ -359,8 +370,21 @@ class Trainer:
         if ck.finetune:
             self.log(f"> loaded model weights of iteration {iteration} for finetuning")
             return
-        if not ck.no_load_optim and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if not ck.no_load_optim:
+            optimizer = (state.get("per_dp_rank_state") or {}).get("optimizer") \
+                if self._sharded_optimizer else state.get("optimizer")
+            if optimizer is None:
+                kind = ("a ZeRO-1 (--use-distributed-optimizer) optimizer shard per data-parallel "
+                        "rank" if self._sharded_optimizer else "an optimizer state")
+                raise checkpointing.CheckpointError(
+                    f"checkpoint {load_dir} iteration {iteration} holds no {kind}; load it with "
+                    f"--no-load-optim, or with the --use-distributed-optimizer setting it was "
+                    f"saved with")
+            try:
+                self.optimizer.load_state_dict(optimizer)
+            except ValueError as error:
+                raise checkpointing.CheckpointError(
+                    f"checkpoint {load_dir} iteration {iteration}: {error}") from None
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
         if not ck.no_load_rng:
             mp_random.load_state_dict(state["rng_state"])

@@ -17,6 +17,9 @@ CASES = [
      "tp2-ep2-dp2"),
     ("t5", ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
      "pp2-ep2-dp2"),
+    # ZeRO-1: every DP rank's optimizer shard is its own file in the checkpoint.
+    ("gpt", ["--use-distributed-optimizer", "--expert-model-parallel-size", "2"],
+     "zero1-dp4-ep2"),
 ]
 
 
