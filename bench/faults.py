@@ -127,7 +127,7 @@ def _corrupt_checkpoints(ckpt: str) -> int:
     for iteration in checkpoint_files.saved_iterations(ckpt):
         folder = checkpoint_files.iteration_dir(ckpt, iteration)
         try:
-            meta = json.loads(Path(folder, "metadata.json").read_text())
+            meta = json.loads(Path(folder, "megatron_lsh_checkpoint.json").read_text())
             for name, record in meta.get("files", {}).items():
                 checkpoint_files.verify_file(os.path.join(folder, name), record)
         except (OSError, ValueError, checkpoint_files.CheckpointError):

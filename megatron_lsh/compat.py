@@ -77,7 +77,8 @@ ACCEPTED: dict[str, CompatFlag] = {
         1, "only the TikTokenizer reads it, and this project has none"),
     "--context-parallel-size": CompatFlag(1, "sequences are not split over ranks"),
     "--ckpt-format": CompatFlag(
-        1, "checkpoints are torch files, one per rank, with a checksummed metadata.json"),
+        1, "checkpoints are torch files, one per rank, with checksums; they load into any "
+           "parallel layout"),
 }
 """Megatron flags accepted as no-ops, with the sentence that says why."""
 
@@ -95,8 +96,8 @@ REFUSED_VALUES: dict[str, str] = {
                                    "compresses): use --moe-token-dispatcher-type alltoall",
     "--context-parallel-size": "context parallelism is not supported: long sequences can be "
                                "split over the TP group with --sequence-parallel",
-    "--ckpt-format": "checkpoints are saved per rank in torch format with a checksummed "
-                     "metadata.json: use --ckpt-format torch (or leave it out)",
+    "--ckpt-format": "checkpoints are saved per rank in torch format with checksums (and "
+                     "reshard on load): use --ckpt-format torch (or leave it out)",
 }
 """Why other values of a flag of :data:`ACCEPTED_VALUES` are refused."""
 

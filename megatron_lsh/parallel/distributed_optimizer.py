@@ -23,12 +23,13 @@ One step, numbered as it happens:
    the model's parameters are views of that buffer they are updated in place.
 
 Checkpoints: ``state_dict()`` holds only this rank's shards (masters, AdamW state, the layout
-it was saved for and this rank's position in each group) plus the loss scaler. A checkpoint
-therefore stores one optimizer file per rank (e.g. ``<iter>/mp_rank_TT_PPP/optim_dp_DDD.pt``,
-indexed by global rank) and loading requires the same parallel layout; ``load_state_dict``
-refuses a shard saved for another layout or group position. :meth:`DistributedOptimizer.
-gather_full_state` rebuilds the unsharded masters and AdamW state (a collective), which is how
-to convert a checkpoint to another DP size.
+it was saved for, this rank's position in each group and the parameter names) plus the loss
+scaler. A checkpoint therefore stores one optimizer file per DP rank
+(``<iter>/mp_rank_TT[_PPP][_EEE]/distrib_optim_dpDDD.pt``); ``load_state_dict`` refuses a shard
+saved for another layout or group position, and a load into another layout goes through
+:meth:`load_resharded_state` instead (``megatron_lsh/training/reshard.py`` assembles each
+parameter's state from the shards by name). :meth:`DistributedOptimizer.gather_full_state`
+rebuilds the unsharded masters and AdamW state in memory (a collective).
 """
 from __future__ import annotations
 
@@ -185,7 +186,21 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "loss_scaler": self.loss_scaler.state_dict(),
             "main_params": [m.detach().clone() for m in self._main_params],
+            "param_names": self.param_names,
         }
+
+    @torch.no_grad()
+    def load_resharded_state(self, value_of, step_of) -> None:
+        """As :meth:`MixedPrecisionOptimizer.load_resharded_state`, for this rank's shards:
+        each takes its flat slice of the parameter's local value; then the buffers are
+        all-gathered so every rank's parameters hold the loaded weights."""
+        for shard, main in zip(self._shards, self._main_params):
+            lo, hi = shard.param_offset, shard.param_offset + main.numel()
+            main.copy_(value_of(shard.param, "master").reshape(-1)[lo:hi])
+            self._set_adam_state(main, step_of(shard.param),
+                                 value_of(shard.param, "exp_avg").reshape(-1)[lo:hi],
+                                 value_of(shard.param, "exp_avg_sq").reshape(-1)[lo:hi])
+        self._copy_main_to_model()
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:

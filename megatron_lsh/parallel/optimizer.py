@@ -142,6 +142,9 @@ class MixedPrecisionOptimizer:
         self.check_for_nonfinite = (self.loss_scaler.dynamic if check_for_nonfinite is None
                                     else check_for_nonfinite)
         self.model_params = unique_params(self.model_chunks)
+        self.param_names: Optional[list] = None
+        """Names of ``model_params`` (set by the trainer): saved with the state so a checkpoint
+        can be resharded into another layout by name."""
         self._build_main_params()
         self.optimizer = (make_adamw(weight_decay_groups(self._main_params, self._decays,
                                                          config.weight_decay), config)
@@ -257,7 +260,29 @@ class MixedPrecisionOptimizer:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "loss_scaler": self.loss_scaler.state_dict(),
             "main_params": ([m.detach().clone() for m in self._main_params] if half else None),
+            "param_names": self.param_names,
         }
+
+    def _set_adam_state(self, main: torch.Tensor, step: int, exp_avg: torch.Tensor,
+                        exp_avg_sq: torch.Tensor) -> None:
+        """AdamW's state of one master, as torch's AdamW keeps it (nothing before a step)."""
+        if self.optimizer is None or step <= 0:
+            return
+        self.optimizer.state[main] = {
+            "step": torch.tensor(float(step), dtype=torch.float32),
+            "exp_avg": exp_avg.to(main.device, torch.float32).reshape(main.shape).clone(),
+            "exp_avg_sq": exp_avg_sq.to(main.device, torch.float32).reshape(main.shape).clone()}
+
+    @torch.no_grad()
+    def load_resharded_state(self, value_of, step_of) -> None:
+        """Set masters and AdamW state from another layout's checkpoint: ``value_of(param,
+        key)`` is this rank's part of ``param``'s ``master`` / ``exp_avg`` / ``exp_avg_sq``
+        (its local shape), ``step_of(param)`` its AdamW step count."""
+        for p, main in zip(self.model_params, self._main_params):
+            main.copy_(value_of(p, "master").reshape(main.shape))
+            self._set_adam_state(main, step_of(p), value_of(p, "exp_avg"),
+                                 value_of(p, "exp_avg_sq"))
+        self._copy_main_to_model()
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:

@@ -101,14 +101,16 @@ def write_text_atomically(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def safe_load(path: str, map_location: Any, record: Optional[dict] = None) -> Any:
-    """``torch.load(weights_only=True)`` of ``path``, checked against ``record`` when given."""
+def safe_load(path: str, map_location: Any, record: Optional[dict] = None, *,
+              mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``, checked against ``record`` when given;
+    ``mmap``: tensors stay in the file until read (for loading many shards lazily)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
     if record is not None:
         verify_file(path, record)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         culprit = f" (it refers to {found.group(1)})" if found else ""

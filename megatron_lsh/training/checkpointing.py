@@ -4,7 +4,10 @@ Layout under the save folder::
 
     latest_checkpointed_iteration.txt      the iteration number of the newest complete save
     iter_0000200/
-        metadata.json                      version, iteration, parallel layout (JSON: safe to read)
+        megatron_lsh_checkpoint.json       format, iteration, parallel layout, file checksums
+                                           (JSON: safe to read; not named metadata.json, which
+                                           Megatron-LM reads as its distributed-checkpoint
+                                           config)
         mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/
             model_optim_rng.pt             written by the first DP replica of this position
             distrib_optim_dp{dp:03d}.pt    one per DP rank, only for per-DP-rank state (ZeRO-1)
@@ -27,7 +30,7 @@ inside step 3 leaves ``latest`` on the previous complete checkpoint. Re-saving a
 that already exists moves the old folder to ``iter_XXXXXXX.old-<token>`` for the instant of the
 swap; loads and the next save recover it if a crash hits exactly then.
 
-**Integrity.** Every file's size and SHA-256 are recorded in ``metadata.json`` at save and
+**Integrity.** Every file's size and SHA-256 are recorded in the metadata file at save and
 checked at load (:mod:`~megatron_lsh.training.checkpoint_files`); a mismatch names the file.
 ``fallback=True`` (``--load-fallback``) then loads the newest intact earlier iteration and says
 so in one line; ``step`` (``--ckpt-step``) loads a chosen iteration instead of ``latest``;
@@ -39,8 +42,15 @@ save checks free space first. When a save or load fails, every rank raises the s
 plain python values is refused rather than unpickled. Saves check this up front and name the
 offending entry. The state a training loop passes usually has ``model``, ``optimizer``,
 ``opt_param_scheduler``, ``loss_scaler``, ``rng_state``, ``consumed_train_samples`` and
-``config`` (a plain dict); this module adds ``checkpoint_version``, ``iteration`` and
-``parallel_layout``. RNG states differ per rank, so the ``rng_state`` entry is gathered over the
+``config`` (a plain dict); this module adds ``megatron_lsh_format``, ``iteration`` and
+``parallel_layout``. (Not ``checkpoint_version``: Megatron-LM's loader reads that key as the
+version of *its* state-dict layout; a converted checkpoint for Megatron writes its own.)
+
+**Another layout.** A checkpoint saved with other TP / PP / EP / DP sizes (or with ZeRO-1
+switched) loads by resharding (:mod:`~megatron_lsh.training.reshard`): the state returned
+then holds the layout-free entries and ``reshard_from`` (the folder) for the caller to rebuild
+its model and optimizer from. Model shape entries of the layout (``num_experts``, ...) must
+match. RNG states differ per rank, so the ``rng_state`` entry is gathered over the
 data-parallel group on save (Megatron does the same) and each rank gets its own back on load.
 """
 from __future__ import annotations
@@ -61,15 +71,23 @@ from megatron_lsh.training.checkpoint_files import (
     iteration_dir, prune, read_latest, safe_load, saved_iterations, tensor_bytes, write_file,
     write_text_atomically)
 
-__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "LATEST_FILE", "METADATA_FILE", "MODEL_FILE",
-           "clean_stale", "distrib_optim_file", "is_checkpoint_writer", "iteration_dir",
-           "load_checkpoint", "no_checkpoint_warning", "parallel_layout", "rank_dir",
-           "rank_dir_name", "read_latest", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "CheckpointError", "FORMAT_KEY", "LATEST_FILE", "METADATA_FILE",
+           "MODEL_FILE", "RESHARDABLE", "clean_stale", "distrib_optim_file",
+           "is_checkpoint_writer", "iteration_dir", "load_checkpoint", "no_checkpoint_warning",
+           "parallel_layout", "rank_dir", "rank_dir_name", "read_latest", "read_metadata",
+           "save_checkpoint"]
 
-CHECKPOINT_VERSION = 1
-"""Format version written into every checkpoint; loads refuse newer ones."""
+CHECKPOINT_VERSION = 2
+"""Format version (``megatron_lsh_format``) of every checkpoint; loads refuse newer ones.
+1: metadata in ``metadata.json`` and the version under ``checkpoint_version`` (still read)."""
+FORMAT_KEY = "megatron_lsh_format"
+LEGACY_FORMAT_KEY = "checkpoint_version"
 MODEL_FILE = "model_optim_rng.pt"
-METADATA_FILE = "metadata.json"
+METADATA_FILE = "megatron_lsh_checkpoint.json"
+LEGACY_METADATA_FILE = "metadata.json"
+RESHARDABLE = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "expert_model_parallel_size", "data_parallel_size", "use_distributed_optimizer")
+"""Layout entries a load may change (by resharding); the others describe the model."""
 _RNG_PER_DP = "rng_state_per_data_parallel_rank"
 _PLAIN_LEAVES = (str, int, float, bool, bytes, type(None), torch.Tensor, torch.nn.Parameter,
                  torch.Size, torch.dtype, torch.device)
@@ -275,8 +293,8 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     payload = dict(state)
     if "rng_state" in payload:
         payload["rng_state"] = {_RNG_PER_DP: _gather_over_dp(payload["rng_state"], groups)}
-    payload.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration,
-                   parallel_layout=layout)
+    payload.update({FORMAT_KEY: CHECKPOINT_VERSION, "iteration": iteration,
+                    "parallel_layout": layout})
 
     problem, records = None, {}
     try:
@@ -309,7 +327,7 @@ def save_checkpoint(iteration: int, state: dict, save_dir: str, groups: ProcessG
     problem = None
     if is_rank0:
         try:
-            metadata = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            metadata = {FORMAT_KEY: CHECKPOINT_VERSION, "iteration": iteration,
                         "parallel_layout": layout,
                         "per_dp_rank_state": per_dp_rank_state is not None,
                         "files": {name: record for _, recs in statuses
@@ -335,12 +353,39 @@ def _describe(layout: dict, keys) -> str:
     return ", ".join(f"{key.replace('_', '-')}={layout.get(key, 'absent')}" for key in keys)
 
 
-def _check_layout(where: str, saved: dict, expected: dict) -> None:
-    differing = [key for key in expected if saved.get(key, "absent") != expected[key]]
-    if differing:
-        raise CheckpointError(f"checkpoint {where} was saved with {_describe(saved, differing)} "
-                              f"but this run has {_describe(expected, differing)}; loading into "
-                              f"a different parallel layout is not supported yet")
+def _saved(saved: dict, key: str) -> Any:
+    # Checkpoints from before ZeRO-1 was part of the layout were saved without it.
+    return saved.get(key, False if key == "use_distributed_optimizer" else "absent")
+
+
+def _check_layout(where: str, saved: dict, expected: dict) -> bool:
+    """True when ``saved`` is ``expected``; False when only reshardable sizes differ (the load
+    reshards); CheckpointError when the model itself differs."""
+    differing = [key for key in expected if _saved(saved, key) != expected[key]]
+    model = [key for key in differing if key not in RESHARDABLE]
+    if model:
+        raise CheckpointError(f"checkpoint {where} was saved for another model: "
+                              f"{_describe(saved, model)}, this run has "
+                              f"{_describe(expected, model)}")
+    return not differing
+
+
+def read_metadata(folder: str) -> dict:
+    """The metadata of a checkpoint folder ({} when it has none, e.g. written by a tool)."""
+    for name in (METADATA_FILE, LEGACY_METADATA_FILE):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    metadata = json.load(f)
+                if not isinstance(metadata, dict) or not isinstance(
+                        metadata.get("parallel_layout", {}), dict):
+                    raise ValueError("not a JSON object with a parallel_layout")
+                return metadata
+            except (ValueError, UnicodeDecodeError) as error:
+                raise CheckpointError(f"checkpoint metadata {path} is unreadable: "
+                                      f"{error}") from error
+    return {}
 
 
 def _checkpoint_folder(load_dir: str, iteration: int, named_by: str) -> str:
@@ -386,16 +431,11 @@ def _candidates(load_dir: str, step: Optional[int], fallback: bool) -> list:
 def _load_local(load_dir: str, iteration: int, groups: ProcessGroups, expected_layout: dict,
                 map_location: Any, named_by: str) -> dict:
     folder = _checkpoint_folder(load_dir, iteration, named_by)
+    metadata = read_metadata(folder)
     metadata_path = os.path.join(folder, METADATA_FILE)
-    metadata: dict = {}
-    if os.path.isfile(metadata_path):
-        try:
-            with open(metadata_path) as f:
-                metadata = json.load(f)
-            _check_layout(folder, metadata["parallel_layout"], expected_layout)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"checkpoint metadata {metadata_path} is unreadable: "
-                                  f"{error}") from error
+    if metadata and not _check_layout(folder, metadata.get("parallel_layout", {}),
+                                      expected_layout):
+        return _reshard_state(folder, metadata["parallel_layout"])
     records = metadata.get("files")
     position = _position_name(groups)
 
@@ -412,11 +452,9 @@ def _load_local(load_dir: str, iteration: int, groups: ProcessGroups, expected_l
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint file {os.path.join(folder, position, MODEL_FILE)} "
                               f"does not hold a dict")
-    version = state.get("checkpoint_version", 0)
-    if not isinstance(version, (int, float)) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {folder} has format version {version}, newer than "
-                              f"this code's {CHECKPOINT_VERSION}")
-    _check_layout(folder, state.get("parallel_layout", {}), expected_layout)
+    _check_version(folder, state)
+    if not _check_layout(folder, state.get("parallel_layout", {}), expected_layout):
+        return _reshard_state(folder, state.get("parallel_layout", {}))
     rng = state.get("rng_state")
     if isinstance(rng, dict) and set(rng) == {_RNG_PER_DP}:
         if len(rng[_RNG_PER_DP]) != groups.dp_size:
@@ -427,6 +465,27 @@ def _load_local(load_dir: str, iteration: int, groups: ProcessGroups, expected_l
     per_dp = f"{position}/{distrib_optim_file(groups.dp_rank)}"
     if metadata.get("per_dp_rank_state") or os.path.isfile(os.path.join(folder, per_dp)):
         state["per_dp_rank_state"] = load(per_dp)
+    return state
+
+
+def _check_version(folder: str, state: dict) -> None:
+    version = state.get(FORMAT_KEY, state.get(LEGACY_FORMAT_KEY, 0))
+    if not isinstance(version, (int, float)) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format version {version}, newer than "
+                              f"this code's {CHECKPOINT_VERSION}")
+
+
+def _reshard_state(folder: str, layout: dict) -> dict:
+    """What a load into another layout returns: the layout-free entries of the first shard's
+    file (iteration, samples, schedule, config), ``reshard_from`` (a
+    :class:`~megatron_lsh.training.reshard.SourceCheckpoint`) and ``saved_layout``."""
+    from megatron_lsh.training.reshard import SourceCheckpoint
+    source = SourceCheckpoint(folder, read_metadata(folder), layout)
+    first = source.model_file(min(source.positions))
+    _check_version(folder, first)
+    keep = ("iteration", "consumed_samples", "opt_param_scheduler", "config", FORMAT_KEY)
+    state = {key: first[key] for key in keep if key in first}
+    state.update(reshard_from=source, saved_layout=layout)
     return state
 
 
@@ -442,7 +501,9 @@ def load_checkpoint(load_dir: str, groups: ProcessGroups, *, expected_layout: di
     differs from the ones recorded at save, a file that would run code when unpickled, or a
     checkpoint saved with a different ``expected_layout`` (see :func:`parallel_layout`) raise
     :class:`CheckpointError`, unless ``fallback``: then the newest earlier iteration that loads
-    cleanly is used, and ``log`` gets one line saying which and why. ``state["rng_state"]`` is
+    cleanly is used, and ``log`` gets one line saying which and why. A checkpoint of another
+    layout (only :data:`RESHARDABLE` entries differ) returns the state for resharding (see the
+    module docstring). ``state["rng_state"]`` is
     this rank's own; ``state["per_dp_rank_state"]`` is present when the save had per-DP-rank
     state. Collective: every rank loads the same iteration, or every rank raises.
     """

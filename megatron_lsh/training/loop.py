@@ -138,7 +138,10 @@ class Trainer:
                  f"({len(self.moe_layers)} of {self.num_moe_layers} MoE layers)")
         self.layout = checkpointing.parallel_layout(
             self.groups, num_experts=cfg.moe.num_experts, num_layers=cfg.model.num_layers,
-            hidden_size=cfg.model.hidden_size)
+            hidden_size=cfg.model.hidden_size,
+            use_distributed_optimizer=par.use_distributed_optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.optimizer.param_names = [names[id(p)] for p in self.optimizer.model_params]
         self._clean_stale_saves()
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
@@ -366,6 +369,9 @@ class Trainer:
             self.log(checkpointing.no_checkpoint_warning(load_dir))
             return
         iteration, state = loaded
+        if "reshard_from" in state:
+            self._load_resharded(load_dir, iteration, state)
+            return
         self.model.load_state_dict(state["model"])
         if ck.finetune:
             self.log(f"> loaded model weights of iteration {iteration} for finetuning")
@@ -392,6 +398,32 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.log(f"> resumed from {load_dir} at iteration {self.iteration} "
                  f"({self.consumed_samples} samples consumed)")
+
+    def _load_resharded(self, load_dir: str, iteration: int, state: dict) -> None:
+        """Load a checkpoint saved in another parallel layout (see ``training/reshard.py``)."""
+        from megatron_lsh.training.reshard import Resharder, describe_change
+        ck = self.config.checkpoint
+        t0 = time.perf_counter()
+        resharder = Resharder(state["reshard_from"], self.groups, log=self.log)
+        resharder.load_model(self.model)
+        if ck.finetune:
+            self.log(f"> loaded model weights of iteration {iteration} for finetuning, "
+                     f"resharded ({describe_change(state['saved_layout'], self.layout)})")
+            return
+        if not ck.no_load_optim:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            resharder.load_optimizer(self.optimizer, names)
+            scaler = resharder.loss_scaler_state()
+            if scaler is not None:
+                self.optimizer.loss_scaler.load_state_dict(scaler)
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.log(f"> resumed from {load_dir} at iteration {self.iteration} "
+                 f"({self.consumed_samples} samples consumed), resharded "
+                 f"({describe_change(state['saved_layout'], self.layout)}) in "
+                 f"{time.perf_counter() - t0:.1f} s; the random-number states belong to the "
+                 f"old layout's ranks and were not restored")
 
     # -- 5. the loop ----------------------------------------------------------------------------
     def _should_exit(self) -> Optional[str]:

@@ -42,36 +42,43 @@ def _layouts(rank, world, root):
                                        ("ep2", (1, 1, 2), True)):
         groups = ProcessGroups.build(ParallelDims(world, tp=tp, pp=pp, ep=ep))
         out[name] = _round_trip(groups, os.path.join(root, name), 5, shards)
-    # The tp2pp2 checkpoint cannot be loaded by the ep4 layout.
+    # The ep4 layout loads the tp2pp2 checkpoint for resharding (training/reshard.py), but
+    # not as a model with other shape entries.
     groups = ProcessGroups.build(ParallelDims(world, ep=4))
+    _, state = ckpt.load_checkpoint(os.path.join(root, "tp2pp2"), groups,
+                                    expected_layout=ckpt.parallel_layout(groups, num_experts=8))
+    out["reshard"] = (sorted(state["reshard_from"].positions), state["saved_layout"])
     try:
         ckpt.load_checkpoint(os.path.join(root, "tp2pp2"), groups,
-                             expected_layout=ckpt.parallel_layout(groups, num_experts=8))
+                             expected_layout=ckpt.parallel_layout(groups, num_experts=16))
     except ckpt.CheckpointError as error:
         out["refused"] = str(error)
     return out
 
 
+META = "megatron_lsh_checkpoint.json"
+
+
 def test_layouts_round_trip_on_four_ranks(tmp_path):
     results = run_distributed(_layouts, 4, str(tmp_path), timeout=120)
     top, _ = results[0]["tp2pp2"]
-    assert top == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
-                   "mp_rank_01_001"]
+    assert top == [META, "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert all(r["tp2pp2"][1] == ["model_optim_rng.pt"] for r in results)
     # ep=4 over dp=4: every rank is the only one at its position and writes its shard there.
-    assert results[0]["ep4"][0] == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001",
-                                    "mp_rank_00_002", "mp_rank_00_003"]
+    assert results[0]["ep4"][0] == [META, "mp_rank_00_000", "mp_rank_00_001", "mp_rank_00_002",
+                                    "mp_rank_00_003"]
     assert [r["ep4"][1] for r in results] == [
         ["distrib_optim_dp%03d.pt" % d, "model_optim_rng.pt"] for d in range(4)]
     # ep=2 over dp=4: dp 0 and 2 share mp_rank_00_000, dp 1 and 3 share mp_rank_00_001.
-    assert results[0]["ep2"][0] == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001"]
+    assert results[0]["ep2"][0] == [META, "mp_rank_00_000", "mp_rank_00_001"]
     assert results[2]["ep2"][1] == ["distrib_optim_dp000.pt", "distrib_optim_dp002.pt",
                                     "model_optim_rng.pt"]
-    assert all("refused" in r for r in results)
-    assert ("was saved with tensor-model-parallel-size=2, pipeline-model-parallel-size=2, "
-            "expert-model-parallel-size=1, data-parallel-size=1 but this run has "
-            "tensor-model-parallel-size=1, pipeline-model-parallel-size=1, "
-            "expert-model-parallel-size=4, data-parallel-size=4") in results[0]["refused"]
+    positions, saved = results[0]["reshard"]
+    assert positions == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    assert (saved["tensor_model_parallel_size"], saved["pipeline_model_parallel_size"]) == (2, 2)
+    assert all(r["reshard"] == results[0]["reshard"] for r in results)
+    assert all(r["refused"].endswith("was saved for another model: num-experts=8, this run has "
+                                     "num-experts=16") for r in results)
 
 
 def _save_then_crash(rank, world, root):

@@ -42,7 +42,7 @@ def flip_bytes(path, offset_fraction=0.5, count=64):
 
 def test_metadata_records_size_and_checksum_of_every_file(tmp_path):
     root = saved(tmp_path, 3)
-    meta = json.loads((tmp_path / "iter_0000003" / "metadata.json").read_text())
+    meta = json.loads((tmp_path / "iter_0000003" / ckpt.METADATA_FILE).read_text())
     record = meta["files"][MODEL]
     assert record["bytes"] == os.path.getsize(model_file(root, 3))
     assert record["sha256"] == checkpoint_files.file_digest(model_file(root, 3))

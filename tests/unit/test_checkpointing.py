@@ -40,7 +40,7 @@ def make_state(seed=0):
 def reseal(folder, name):
     """Record a file's current size and checksum in the metadata, as if saved that way: a file
     written by another tool or an older version, so the checks after the checksum run."""
-    meta_path = os.path.join(folder, "metadata.json")
+    meta_path = os.path.join(folder, ckpt.METADATA_FILE)
     meta = json.loads(open(meta_path).read())
     meta["files"][name] = checkpoint_files.file_record(os.path.join(folder, name))
     with open(meta_path, "w") as f:
@@ -91,17 +91,40 @@ def test_round_trip_restores_every_entry_and_writes_megatron_files(tmp_path):
     final = save_checkpoint(7, state, str(tmp_path), SINGLE)
     assert final == str(tmp_path / "iter_0000007")
     assert (tmp_path / ckpt.LATEST_FILE).read_text() == "7\n"
-    assert sorted(os.listdir(final)) == ["metadata.json", "mp_rank_00"]
+    # Not metadata.json: Megatron-LM reads that name as its distributed-checkpoint config.
+    assert sorted(os.listdir(final)) == ["megatron_lsh_checkpoint.json", "mp_rank_00"]
     assert os.listdir(os.path.join(final, "mp_rank_00")) == ["model_optim_rng.pt"]
-    metadata = json.loads((tmp_path / "iter_0000007" / "metadata.json").read_text())
-    assert metadata["parallel_layout"] == LAYOUT and metadata["checkpoint_version"] == 1
+    metadata = json.loads((tmp_path / "iter_0000007" / ckpt.METADATA_FILE).read_text())
+    assert metadata["parallel_layout"] == LAYOUT and metadata["megatron_lsh_format"] == 2
+    assert "checkpoint_version" not in metadata   # that key is Megatron's own state-dict version
     iteration, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
     assert iteration == 7
-    assert loaded["checkpoint_version"] == ckpt.CHECKPOINT_VERSION and loaded["iteration"] == 7
+    assert loaded["megatron_lsh_format"] == ckpt.CHECKPOINT_VERSION and loaded["iteration"] == 7
+    assert "checkpoint_version" not in loaded
     assert loaded.pop("parallel_layout") == LAYOUT
-    for key in ("checkpoint_version", "iteration"):
+    for key in ("megatron_lsh_format", "iteration"):
         loaded.pop(key)
     assert_same(state, loaded)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Before format 2 the metadata was metadata.json and the version checkpoint_version."""
+    state = make_state()
+    final = save_checkpoint(3, state, str(tmp_path), SINGLE)
+    os.rename(os.path.join(final, ckpt.METADATA_FILE), os.path.join(final, "metadata.json"))
+    path = os.path.join(final, "mp_rank_00", "model_optim_rng.pt")
+    old = torch.load(path, weights_only=True)
+    old["checkpoint_version"] = 1
+    del old["megatron_lsh_format"]
+    torch.save(old, path)
+    meta_path = os.path.join(final, "metadata.json")
+    meta = json.loads(open(meta_path).read())
+    meta["files"]["mp_rank_00/model_optim_rng.pt"] = checkpoint_files.file_record(path)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    iteration, loaded = load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
+    assert iteration == 3 and loaded["checkpoint_version"] == 1
+    assert_same(state["model"], loaded["model"])
 
 
 def test_rng_state_restores_the_random_streams(tmp_path):
@@ -215,30 +238,46 @@ def test_state_that_cannot_be_loaded_safely_is_refused_at_save(tmp_path):
     assert ckpt.read_latest(root) == 1
 
 
-def test_incompatible_layout_is_refused_with_both_layouts_named(tmp_path):
+def test_another_model_is_refused_with_both_named(tmp_path):
     root = str(tmp_path)
     saved = dict(LAYOUT, tensor_model_parallel_size=2, num_experts=8)
     save_checkpoint(1, make_state(), root, SINGLE, layout=saved)
-    with pytest.raises(CheckpointError, match=r"checkpoint .*iter_0000001 was saved with "
-                                              r"tensor-model-parallel-size=2, num-experts=8 but "
-                                              r"this run has tensor-model-parallel-size=1, "
-                                              r"num-experts=16; loading into a different parallel "
-                                              r"layout is not supported yet"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*iter_0000001 was saved for another "
+                                              r"model: num-experts=8, this run has "
+                                              r"num-experts=16$"):
         load_checkpoint(root, SINGLE, expected_layout=dict(LAYOUT, num_experts=16))
-    # Without metadata.json (e.g. written by another tool) the rank file's copy is checked.
-    os.remove(tmp_path / "iter_0000001" / "metadata.json")
-    with pytest.raises(CheckpointError, match=r"saved with tensor-model-parallel-size=2"):
-        load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    # Without the metadata (e.g. written by another tool) the rank file's copy is checked.
+    os.remove(tmp_path / "iter_0000001" / ckpt.METADATA_FILE)
+    with pytest.raises(CheckpointError, match=r"saved for another model: num-experts=8"):
+        load_checkpoint(root, SINGLE, expected_layout=dict(LAYOUT, num_experts=16))
+
+
+def test_another_layout_loads_for_resharding_and_a_missing_shard_is_named(tmp_path):
+    """Only parallel sizes differ: the load returns the layout-free state to reshard from.
+    This fake 'tp 2' checkpoint holds one TP shard only: resharding names what is missing."""
+    from megatron_lsh.training.reshard import Resharder
+    root = str(tmp_path)
+    save_checkpoint(1, {"model": {"weight": torch.ones(2, 2)}, "iteration": 1,
+                        "consumed_samples": 8},
+                    root, SINGLE, layout=dict(LAYOUT, tensor_model_parallel_size=2))
+    iteration, state = load_checkpoint(root, SINGLE, expected_layout=LAYOUT)
+    assert iteration == 1 and state["saved_layout"]["tensor_model_parallel_size"] == 2
+    assert state["consumed_samples"] == 8 and "model" not in state
+    model = torch.nn.Linear(2, 4, bias=False)
+    model.weight.tensor_model_parallel, model.weight.partition_dim = True, 0
+    with pytest.raises(CheckpointError, match=r"^the checkpoint has no shard of 'weight' at tp "
+                                              r"rank 1$"):
+        Resharder(state["reshard_from"], SINGLE).load_model(model)
 
 
 def test_newer_format_version_is_refused(tmp_path):
     save_checkpoint(1, {"model": {}}, str(tmp_path), SINGLE)
     path = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(path, weights_only=True)
-    state["checkpoint_version"] = ckpt.CHECKPOINT_VERSION + 1
+    state["megatron_lsh_format"] = ckpt.CHECKPOINT_VERSION + 1
     torch.save(state, path)
     reseal(tmp_path / "iter_0000001", "mp_rank_00/model_optim_rng.pt")
-    with pytest.raises(CheckpointError, match=r"has format version 2, newer than this code's 1"):
+    with pytest.raises(CheckpointError, match=r"has format version 3, newer than this code's 2"):
         load_checkpoint(str(tmp_path), SINGLE, expected_layout=LAYOUT)
 
 
