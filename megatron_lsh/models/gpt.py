@@ -13,7 +13,7 @@ from megatron_lsh.config import ModelConfig, MoEConfig
 from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.embedding import (OutputLayer, first_stage_embedding,
                                           mark_shared_embedding)
-from megatron_lsh.models.transformer import TransformerBlock
+from megatron_lsh.models.transformer import InferenceCache, TransformerBlock
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.pipeline import stage_layer_range
 from megatron_lsh.parallel.random import SeedPart
@@ -65,9 +65,18 @@ class GPTModel(StageModel):
     def forward(self, input_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 hidden_states: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None):
+                labels: Optional[torch.Tensor] = None,
+                cache: Optional[InferenceCache] = None):
+        """``cache``: incremental decoding (one stage, eval mode): the tokens continue the ones
+        the cache holds, and the cache advances past them."""
+        if cache is not None and position_ids is None and input_ids is not None:
+            s = input_ids.shape[1]
+            position_ids = torch.arange(cache.offset, cache.offset + s,
+                                        device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
-        x, aux = self.decoder(x)
+        x, aux = self.decoder(x, cache=cache)
+        if cache is not None:
+            cache.offset += x.shape[0]
         if not self.post_process:
             return x, aux
         return self.output_layer(x, labels), aux

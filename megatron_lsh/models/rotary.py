@@ -51,7 +51,10 @@ class RotaryEmbedding(torch.nn.Module):
                                               device=device)}
         return self._cache[key]
 
-    def forward(self, q_bnsd: torch.Tensor, k_bnsd: torch.Tensor):
-        """``(q, k)`` rotated by their positions (both ``[b, n, s, d]``, same ``s``)."""
-        cos, sin = self.angles(q_bnsd.shape[2], q_bnsd.device)
+    def forward(self, q_bnsd: torch.Tensor, k_bnsd: torch.Tensor, offset: int = 0):
+        """``(q, k)`` rotated by their positions ``offset .. offset + s - 1`` (both
+        ``[b, n, s, d]``, same ``s``; ``offset`` > 0 when decoding after cached tokens)."""
+        s = q_bnsd.shape[2]
+        cos, sin = self.angles(offset + s, q_bnsd.device)
+        cos, sin = cos[offset:offset + s], sin[offset:offset + s]
         return apply_rotary(q_bnsd, cos, sin), apply_rotary(k_bnsd, cos, sin)

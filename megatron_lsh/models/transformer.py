@@ -32,8 +32,29 @@ from megatron_lsh.models.rotary import RotaryEmbedding
 from megatron_lsh.parallel.random import (SeedPart, checkpoint, get_rng_tracker, layer_seed,
                                           seeded)
 
-__all__ = ["ParallelAttention", "ParallelMLP", "TransformerBlock", "TransformerLayer",
-           "activation_fn", "build_norm", "is_moe_layer", "layer_seed", "seeded"]
+__all__ = ["InferenceCache", "ParallelAttention", "ParallelMLP", "TransformerBlock",
+           "TransformerLayer", "activation_fn", "build_norm", "is_moe_layer", "layer_seed",
+           "seeded"]
+
+
+class InferenceCache:
+    """Keys and values of every self-attention layer for the tokens seen so far, for
+    incremental decoding: each forward with a cache attends to the cached tokens plus its
+    own, appends its keys and values, and (by the model) advances ``offset``, the position of
+    its first token."""
+
+    def __init__(self):
+        self.offset = 0
+        self.kv: dict = {}
+
+    def append(self, layer: int, k_bnsd: torch.Tensor, v_bnsd: torch.Tensor):
+        """Keys and values of layer ``layer`` so far, the new ones ``[b, n, s, d]`` added."""
+        past = self.kv.get(layer)
+        if past is not None:
+            k_bnsd = torch.cat([past[0], k_bnsd], dim=2)
+            v_bnsd = torch.cat([past[1], v_bnsd], dim=2)
+        self.kv[layer] = (k_bnsd, v_bnsd)
+        return k_bnsd, v_bnsd
 
 
 def is_moe_layer(position: int, moe: MoEConfig, stack_layers: int) -> bool:
@@ -136,7 +157,10 @@ class ParallelAttention(nn.Module):
                                                   dropout_p=self.dropout)
 
     def forward(self, x_sbh: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                context_sbh: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_sbh: Optional[torch.Tensor] = None,
+                cache: Optional[InferenceCache] = None, layer: int = 0) -> torch.Tensor:
+        """``cache`` (self-attention, inference): attend to the cached tokens too; ``layer``
+        names this attention's entry in it."""
         g, per, d = self.query_groups, self.heads_per_group, self.head_dim
         if self.attention_type == "self":
             qkv, _ = self.qkv(x_sbh)
@@ -151,12 +175,15 @@ class ParallelAttention(nn.Module):
             kv, _ = self.kv(context_sbh)
             k, v = kv.view(kv.shape[0], b, g, 2, d).unbind(3)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads or groups, s, d]
+        offset = cache.offset if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q, k)
+            q, k = self.rotary(q, k, offset)
+        if cache is not None and self.attention_type == "self":
+            k, v = cache.append(layer, k, v)
         mask = None
         if self.causal:
-            sq, sk = q.shape[2], k.shape[2]
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            sq, sk = q.shape[2], k.shape[2]   # the sq new tokens are the last of the sk
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         if padding_mask is not None:
             pad = padding_mask[:, None, None, :].to(torch.bool)
             mask = pad if mask is None else (mask & pad)
@@ -239,8 +266,10 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x_sbh: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 context_sbh: Optional[torch.Tensor] = None,
-                context_padding_mask: Optional[torch.Tensor] = None):
-        x = x_sbh + self._dropout(self.attention(self.ln_attn(x_sbh), padding_mask))
+                context_padding_mask: Optional[torch.Tensor] = None,
+                cache: Optional[InferenceCache] = None):
+        x = x_sbh + self._dropout(self.attention(self.ln_attn(x_sbh), padding_mask,
+                                                 cache=cache, layer=self.layer_number))
         if self.cross is not None:
             x = x + self._dropout(self.cross(self.ln_cross(x), context_padding_mask, context_sbh))
         h = self.ln_mlp(x)
@@ -304,15 +333,21 @@ class TransformerBlock(nn.Module):
         return [(layers[i:i + n], True) for i in range(0, len(layers), n)]
 
     @staticmethod
-    def _run(layers, x_sbh, padding_mask, context_sbh, context_padding_mask):
+    def _run(layers, x_sbh, padding_mask, context_sbh, context_padding_mask, cache=None):
         aux_total = x_sbh.new_zeros(())
         for layer in layers:
-            x_sbh, aux = layer(x_sbh, padding_mask, context_sbh, context_padding_mask)
+            x_sbh, aux = layer(x_sbh, padding_mask, context_sbh, context_padding_mask, cache)
             aux_total = aux_total + aux
         return x_sbh, aux_total
 
     def forward(self, x_sbh: torch.Tensor, padding_mask=None, context_sbh=None,
-                context_padding_mask=None):
+                context_padding_mask=None, cache: Optional[InferenceCache] = None):
+        if cache is not None:   # inference: no recomputation
+            x_sbh, aux = self._run(list(self.layers.values()), x_sbh, padding_mask,
+                                   context_sbh, context_padding_mask, cache)
+            if self.final_layernorm is not None:
+                x_sbh = self.final_layernorm(x_sbh)
+            return x_sbh, aux
         aux_total = x_sbh.new_zeros(())
         for layers, recompute in self._chunks():
             if not layers:

@@ -27,7 +27,10 @@ import shutil
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 
+MODEL_FILE = "model_optim_rng.pt"
+"""Each (tp, pp, ep) position's model / optimizer / RNG file (Megatron's name)."""
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 DIGEST = "sha256"
 _CHUNK = 8 << 20
@@ -243,3 +246,28 @@ def prune(root: str, keep: int, protect: Iterable[int] = ()) -> list:
     if doomed:
         fsync_dir(root)
     return doomed
+
+
+# -- errors every rank raises alike -----------------------------------------------------------
+
+def gather_problems(problem: Optional[str], extra: Any = None) -> list:
+    """``(problem, extra)`` of every rank, in rank order (collective; also a barrier)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [(problem, extra)]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (problem, extra))
+    return out
+
+
+def raise_first(statuses: list, what: str) -> None:
+    """Raise the first failing rank's problem on every rank (one sentence, the same everywhere),
+    naming that rank unless every rank failed alike."""
+    failed = [(rank, problem) for rank, (problem, _) in enumerate(statuses) if problem]
+    if not failed:
+        return
+    rank, problem = failed[0]
+    if len(failed) < len(statuses) or any(p != problem for _, p in failed):
+        problem = f"{problem} (rank {rank}; {len(failed)} of {len(statuses)} ranks failed)"
+    error = CheckpointError(problem if problem else f"{what} failed")
+    error.all_ranks = True
+    raise error

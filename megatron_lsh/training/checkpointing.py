@@ -67,9 +67,9 @@ import torch.distributed as dist
 
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.training.checkpoint_files import (
-    LATEST_FILE, CheckpointError, clean_stale, free_space_problem, fsync_dir,
-    iteration_dir, prune, read_latest, safe_load, saved_iterations, tensor_bytes, write_file,
-    write_text_atomically)
+    LATEST_FILE, MODEL_FILE, CheckpointError, clean_stale, free_space_problem, fsync_dir,
+    gather_problems as _gather_problems, iteration_dir, prune, raise_first as _raise_first,
+    read_latest, safe_load, saved_iterations, tensor_bytes, write_file, write_text_atomically)
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "FORMAT_KEY", "LATEST_FILE", "METADATA_FILE",
            "MODEL_FILE", "RESHARDABLE", "clean_stale", "distrib_optim_file",
@@ -82,7 +82,6 @@ CHECKPOINT_VERSION = 2
 1: metadata in ``metadata.json`` and the version under ``checkpoint_version`` (still read)."""
 FORMAT_KEY = "megatron_lsh_format"
 LEGACY_FORMAT_KEY = "checkpoint_version"
-MODEL_FILE = "model_optim_rng.pt"
 METADATA_FILE = "megatron_lsh_checkpoint.json"
 LEGACY_METADATA_FILE = "metadata.json"
 RESHARDABLE = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -204,29 +203,6 @@ def _check_plain(value: Any, where: str) -> None:
         raise CheckpointError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which "
                               f"torch.load(weights_only=True) cannot read back; store it as a "
                               f"tensor or plain python values")
-
-
-def _gather_problems(problem: Optional[str], extra: Any = None) -> list:
-    """``(problem, extra)`` of every rank, in rank order (collective; also a barrier)."""
-    if not _distributed():
-        return [(problem, extra)]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, (problem, extra))
-    return out
-
-
-def _raise_first(statuses: list, what: str) -> None:
-    """Raise the first failing rank's problem on every rank (one sentence, the same everywhere),
-    naming that rank unless every rank failed alike."""
-    failed = [(rank, problem) for rank, (problem, _) in enumerate(statuses) if problem]
-    if not failed:
-        return
-    rank, problem = failed[0]
-    if len(failed) < len(statuses) or any(p != problem for _, p in failed):
-        problem = f"{problem} (rank {rank}; {len(failed)} of {len(statuses)} ranks failed)"
-    error = CheckpointError(problem if problem else f"{what} failed")
-    error.all_ranks = True
-    raise error
 
 
 def _problem(error: BaseException, doing: str) -> str:
@@ -483,7 +459,8 @@ def _reshard_state(folder: str, layout: dict) -> dict:
     source = SourceCheckpoint(folder, read_metadata(folder), layout)
     first = source.model_file(min(source.positions))
     _check_version(folder, first)
-    keep = ("iteration", "consumed_samples", "opt_param_scheduler", "config", FORMAT_KEY)
+    keep = ("iteration", "consumed_samples", "opt_param_scheduler", "config", "model_kind",
+            FORMAT_KEY)
     state = {key: first[key] for key in keep if key in first}
     state.update(reshard_from=source, saved_layout=layout)
     return state

@@ -319,7 +319,7 @@ class Trainer:
         shares (the optimizer too, unless it is sharded over DP: see :meth:`save`)."""
         state = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
                  "model": self.model.state_dict(), "config": self.config.to_dict(),
-                 "rng_state": mp_random.state_dict()}
+                 "model_kind": self.task.name, "rng_state": mp_random.state_dict()}
         if not self._sharded_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         state["opt_param_scheduler"] = self.scheduler.state_dict()

@@ -35,7 +35,8 @@ import torch
 
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.parallel.layers import shard_master_weight
-from megatron_lsh.training.checkpoint_files import CheckpointError, safe_load
+from megatron_lsh.training.checkpoint_files import (MODEL_FILE, CheckpointError, gather_problems,
+                                                   raise_first, safe_load)
 
 _POSITION = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _DP_FILE = re.compile(r"^distrib_optim_dp(\d{3})\.pt$")
@@ -139,7 +140,6 @@ class SourceCheckpoint:
 
     def model_file(self, position: tuple) -> dict:
         """The model / optimizer / rng file of a (tp, pp, ep) position."""
-        from megatron_lsh.training.checkpointing import MODEL_FILE
         state = self._load(f"{self.positions[position]}/{MODEL_FILE}")
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise CheckpointError(f"checkpoint file {self.positions[position]}/{MODEL_FILE} in "
@@ -169,9 +169,8 @@ class Resharder:
 
     def _check(self, what: str) -> None:
         """Raise the first rank's problem on every rank (collective)."""
-        from megatron_lsh.training.checkpointing import _gather_problems, _raise_first
         problem, self._problem = self._problem, None
-        _raise_first(_gather_problems(problem), what)
+        raise_first(gather_problems(problem), what)
 
     # -- the model --------------------------------------------------------------------------
     def _model_pieces(self, name: str) -> dict:
@@ -186,8 +185,12 @@ class Resharder:
         return {}
 
     @torch.no_grad()
-    def load_model(self, model: torch.nn.Module) -> None:
-        """Fill every parameter and buffer of ``model`` (this rank's stage) from the checkpoint."""
+    def load_model(self, model: torch.nn.Module,
+                   ignore: Optional[Callable[[str], bool]] = None) -> None:
+        """Fill every parameter and buffer of ``model`` (this rank's stage) from the checkpoint.
+
+        ``ignore(name)``: checkpoint tensors the model may lack (e.g. a compressor's state
+        when the model is built without compression)."""
         specs = {n: TensorSpec(t) for n, t in list(model.named_parameters())
                  + list(model.named_buffers())}
         state = model.state_dict()
@@ -197,7 +200,7 @@ class Resharder:
             except CheckpointError as error:
                 self._note(error)
                 break
-        unknown = self._unknown_names(set(state))
+        unknown = {n for n in self._unknown_names(set(state)) if not (ignore and ignore(n))}
         if unknown:
             self._note(CheckpointError(
                 f"checkpoint {self.source.folder} holds {len(unknown)} tensors this model does "

@@ -36,6 +36,7 @@ LAYERS: Dict[str, int] = {
     "training": 4,
     "arguments": 4,
     "compat": 4,
+    "convert": 5,
 }
 """The layer of each component (a top-level module or subpackage of ``megatron_lsh``).
 
@@ -44,7 +45,8 @@ A module may import modules of its own layer or of a lower one, never of a highe
 optimizers) < ``moe`` (router, dispatcher, experts, compression) < ``models`` (GPT, RoBERTa,
 T5 built from those) < ``training`` (the loop, tasks, checkpoints) and ``arguments`` (the
 command line, which fills the config for the training entry points) with ``compat`` (the
-Megatron-LM flags the command line accepts or refuses without a setting).
+Megatron-LM flags the command line accepts or refuses without a setting) < ``convert``
+(checkpoints used outside training: whole-model loading, Hugging Face export, generation).
 """
 
 SIDE_COMPONENTS: Dict[str, Set[str]] = {

@@ -1,0 +1,100 @@
+"""A checkpoint folder -> the whole model in one process, whatever layout it was saved in.
+
+The run's config and model kind are read from the checkpoint itself; the model is built on
+CPU with the uncompressed all-to-all (compression approximates the expert all-to-all during
+training; a model outside training computes its experts exactly) and filled by resharding
+(:mod:`~megatron_lsh.training.reshard`) into the single-process layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_lsh.config import ConfigError, ModelConfig, MoEConfig
+from megatron_lsh.parallel.dims import ProcessGroups
+from megatron_lsh.training.checkpoint_files import CheckpointError, iteration_dir, read_latest
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model in one process, with what describes it."""
+
+    model: torch.nn.Module
+    kind: str
+    model_config: ModelConfig
+    moe_config: MoEConfig
+    run_config: dict
+    """The whole run's config as saved (a plain dict: data, tokenizer flags, ...)."""
+    iteration: int
+    folder: str
+
+
+def _known(cls, values: dict) -> dict:
+    """The entries of ``values`` that are fields of ``cls`` (configs of other versions)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def checkpoint_folder(load_dir: str, step: Optional[int] = None) -> tuple[int, str]:
+    """``(iteration, folder)`` of ``--load DIR`` (its latest, or ``step``)."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"checkpoint folder {load_dir} does not exist")
+    iteration = step if step is not None else read_latest(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"{load_dir} holds no checkpoint (no "
+                              f"latest_checkpointed_iteration.txt)")
+    folder = iteration_dir(load_dir, iteration)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint iteration {iteration} has no folder {folder}")
+    return iteration, folder
+
+
+def _kind_from_names(names) -> str:
+    names = list(names)
+    if any(n.startswith("encoder.") for n in names):
+        return "t5"
+    if any(n.startswith("lm_head.") or n.startswith("mlm_head.") for n in names):
+        return "roberta"
+    return "gpt"
+
+
+def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
+    """The model of ``load_dir``'s latest checkpoint (or iteration ``step``), in one process.
+
+    CheckpointError (one sentence) for a missing or corrupt folder or a config this code
+    cannot rebuild.
+    """
+    from megatron_lsh.models import build_model
+    from megatron_lsh.training.checkpointing import read_metadata
+    from megatron_lsh.training.reshard import Resharder, SourceCheckpoint
+
+    iteration, folder = checkpoint_folder(load_dir, step)
+    metadata = read_metadata(folder)
+    layout = metadata.get("parallel_layout")
+    source = SourceCheckpoint(folder, metadata, layout or {})
+    first = source.model_file(min(source.positions))
+    if layout is None:   # no metadata: the rank file has its own copy
+        source = SourceCheckpoint(folder, metadata, first.get("parallel_layout", {}))
+    config = first.get("config")
+    if not isinstance(config, dict) or "model" not in config or "moe" not in config:
+        raise CheckpointError(f"checkpoint {folder} does not record its model config")
+    kind = first.get("model_kind") or _kind_from_names(first["model"])
+    try:
+        model_config = ModelConfig(**_known(ModelConfig, config["model"]))
+        moe_values = _known(MoEConfig, config["moe"])
+        moe_values.update(a2a_compression="none", compression_options=None)
+        moe_config = MoEConfig(**moe_values)
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {folder} records a config this code cannot build: "
+                              f"{error}") from None
+    groups = ProcessGroups.single()
+    model = build_model(kind, model_config, moe_config, groups,
+                        seed=config.get("training", {}).get("seed", 1234))
+    # The all-to-all compressor's state (LSH rotations) has no use without compression.
+    Resharder(source, groups).load_model(model, ignore=lambda name: ".compressor." in name)
+    model.eval()
+    return LoadedModel(model, kind, model_config, moe_config, config, iteration, folder)
