@@ -22,12 +22,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 
-from megatron_lsh.convert.load import LoadedModel
+from megatron_lsh.convert.load import LoadedModel, output_folder
 from megatron_lsh.models.embedding import padded_vocab_size
 from megatron_lsh.training.checkpoint_files import CheckpointError
 
@@ -170,14 +169,9 @@ def export(loaded: LoadedModel, output: str, tokenizer_overrides: Optional[dict]
     if reasons:
         raise CheckpointError("this checkpoint has no Hugging Face Mixtral equivalent: "
                               + "; ".join(reasons))
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise CheckpointError(f"output {output} exists and is not an empty folder")
     from safetensors.torch import save_file
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
     notes = []
-    try:
+    with output_folder(output) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(mixtral_config(loaded), f, indent=1)
         tensors = mixtral_state_dict(loaded)
@@ -189,13 +183,4 @@ def export(loaded: LoadedModel, output: str, tokenizer_overrides: Optional[dict]
             notes.append(note)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"do_sample": False}, f)
-        os.chmod(tmp, 0o755)   # mkdtemp makes it private
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.isdir(output):
-            os.rmdir(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return notes

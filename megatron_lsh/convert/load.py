@@ -7,10 +7,13 @@ training; a model outside training computes its experts exactly) and filled by r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -98,3 +101,34 @@ def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
     Resharder(source, groups).load_model(model, ignore=lambda name: ".compressor." in name)
     model.eval()
     return LoadedModel(model, kind, model_config, moe_config, config, iteration, folder)
+
+
+@contextlib.contextmanager
+def output_folder(output: str) -> Iterator[str]:
+    """A temporary sibling of ``output`` to write into; renamed to ``output`` when the block
+    succeeds, removed when it fails, so no partial output is ever left. ``output`` must not
+    exist, or be an empty folder."""
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise CheckpointError(f"output {output} exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):   # mkdtemp makes it private
+            os.chmod(root, 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def add_checkpoint_flags(parser) -> None:
+    """``--load``, ``--output`` and ``--ckpt-step``, as the export tools take them."""
+    parser.add_argument("--load", required=True, metavar="CKPT_DIR", help="the --save folder")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to create")
+    parser.add_argument("--ckpt-step", type=int, help="iteration to use (default: latest)")

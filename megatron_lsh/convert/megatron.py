@@ -20,12 +20,10 @@ too; ours has none, so it is written as zeros. The optimizer state is not conver
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import torch
 
-from megatron_lsh.convert.load import LoadedModel
+from megatron_lsh.convert.load import LoadedModel, output_folder
 from megatron_lsh.training.checkpoint_files import CheckpointError
 
 MEGATRON_CHECKPOINT_VERSION = 3.0
@@ -161,28 +159,13 @@ def convert(loaded: LoadedModel, output: str) -> str:
     if reasons:
         raise CheckpointError("this checkpoint cannot be converted to Megatron-core: "
                               + "; ".join(reasons))
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise CheckpointError(f"output {output} exists and is not an empty folder")
     state = {"model": megatron_state_dict(loaded), "iteration": loaded.iteration,
              "checkpoint_version": MEGATRON_CHECKPOINT_VERSION}
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    try:
+    with output_folder(output) as tmp:
         shard = os.path.join(tmp, f"iter_{loaded.iteration:07d}", "mp_rank_00")
         os.makedirs(shard)
         torch.save(state, os.path.join(shard, "model_optim_rng.pt"))
         with open(os.path.join(tmp, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(loaded.iteration))
-        for root, dirs, files in os.walk(tmp):
-            os.chmod(root, 0o755)
-            for name in files:
-                os.chmod(os.path.join(root, name), 0o644)
-        if os.path.isdir(output):
-            os.rmdir(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return os.path.join(output, f"iter_{loaded.iteration:07d}", "mp_rank_00",
                         "model_optim_rng.pt")

@@ -45,6 +45,9 @@ LSH = replace(MOE, **compression("lsh", num_hashes=3, rotation_dim=1))
 
 COMPRESSIONS = {"none": MOE, "lsh": LSH}
 
+CAST = replace(MOE, **compression("cast", dtype="bf16"))
+"""Rows sent as bf16 (with the "modern" jobs: each option under every compressor)."""
+
 MODERN_MODEL = dict(normalization="RMSNorm", position_embedding_type="rope", rotary_percent=0.5,
                     activation="swiglu", add_bias_linear=False,
                     untie_embeddings_and_output_weights=True, group_query_attention=True,
@@ -60,12 +63,17 @@ sigmoid scores, expert width apart from the dense FFN, and a shared expert."""
 
 
 def make_modern_jobs(world: int, layouts, sequence_parallel: bool = False) -> list:
-    """GPT jobs with the ``MODERN_*`` options, for every compression, on ``layouts``."""
+    """GPT jobs with the ``MODERN_*`` options, for every compressor, on ``layouts``."""
     jobs = []
     for tp, pp, ep in layouts:
         dp = world // (tp * pp)
-        for comp in COMPRESSIONS:
-            moe = replace(COMPRESSIONS[comp], **MODERN_MOE)
+        for comp, base in {**COMPRESSIONS, "cast": CAST}.items():
+            if comp == "cast" and tp > 1:
+                # TP sums partial products in another order, so rows differ from the single
+                # process in the last float bits, and rounding to bf16 can flip such a row to
+                # the neighbouring bf16 value: not a layout error, but beyond rtol 1e-5.
+                continue
+            moe = replace(base, **MODERN_MOE)
             name = f"{layout_name(tp, pp, dp, ep)}-gpt-modern-{comp}"
             if sequence_parallel:
                 moe, name = replace(moe, aux_loss_coeff=0.0), name.replace("-ep", "-sp-ep")

@@ -18,7 +18,10 @@ The "modern" GPT jobs (``model_layouts_util.MODERN_MODEL`` / ``MODERN_MOE``: RMS
 grouped-query attention, SwiGLU, no biases, untied output, a 0/1 MoE layer pattern,
 per-sequence load balancing, sigmoid scores, a separate expert width and a shared expert)
 run on TP=2, PP=2, EP=2, TP2xEP2 (also with sequence parallelism), TP2xPP2xEP2 and
-PP2xDP2xEP2, with and without LSH.
+PP2xDP2xEP2, under each compressor: none, lsh, and cast with bf16 rows on the layouts
+without TP (cast rounds every row the same wherever it is dispatched, so its reference is
+the single-process cast model; with TP the rows differ from one process's in the last float
+bits, from the other summation order, and bf16 rounding can turn that into one bf16 step).
 
 How LSH equivalence is shown. LSH clusters the rows one rank dispatches, per destination
 expert; what rank receives them (EP) does not matter, since rows are clustered before the

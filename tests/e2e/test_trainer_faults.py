@@ -80,18 +80,22 @@ def test_missing_load_directory_starts_from_scratch(tmp_path, corpus):
     assert "'iteration': 3," in proc.stdout
 
 
-def test_incompatible_layout_is_refused(tmp_path, corpus):
+def test_another_model_is_refused_and_another_layout_reshards(tmp_path, corpus):
     ckpt = str(tmp_path / "ckpt")
     args = tiny_run_args("gpt", corpus, str(tmp_path), iters=3) + ["--save", ckpt]
     saved = run_entry("gpt", args + ["--expert-model-parallel-size", "2"], 2)
     assert "outlived the process group" not in saved.stderr   # no group leaks past the run
-    proc = run_entry("gpt", args + ["--load", ckpt], 2, check=False)
+    proc = run_entry("gpt", args + ["--load", ckpt, "--num-experts", "8"], 2, check=False)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     # Every rank fails alike: rank 0 speaks for all, in one line.
-    assert len(ours) == 1 and "layout" in ours[0] and "expert" in ours[0], proc.stderr
+    assert len(ours) == 1 and ours[0].endswith("was saved for another model: num-experts=4, "
+                                               "this run has num-experts=8"), proc.stderr
     # torchrun reports the failed workers with its own traceback; ours print none.
     assert "megatron_lsh/" not in proc.stderr, proc.stderr[-3000:]
+    # The same model in another layout (EP 2 -> 1) loads by resharding.
+    proc = run_entry("gpt", args + ["--load", ckpt], 2)
+    assert "resharded (ep 2 -> 1" in proc.stdout and "'iteration': 3," in proc.stdout
 
 
 def test_rerun_after_the_last_iteration_does_nothing(tmp_path, corpus):

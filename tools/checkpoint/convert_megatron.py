@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_lsh.convert.load import load_model  # noqa: E402
+from megatron_lsh.convert.load import add_checkpoint_flags, load_model  # noqa: E402
 from megatron_lsh.convert.megatron import convert, megatron_flags  # noqa: E402
 from megatron_lsh.training.checkpoint_files import CheckpointError  # noqa: E402
 
@@ -25,9 +25,7 @@ from megatron_lsh.training.checkpoint_files import CheckpointError  # noqa: E402
 def main(argv=None) -> int:
     """CLI: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--load", required=True, metavar="CKPT_DIR", help="the --save folder")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to create")
-    parser.add_argument("--ckpt-step", type=int, help="iteration to convert (default: latest)")
+    add_checkpoint_flags(parser)
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.load, args.ckpt_step)

@@ -19,16 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_lsh.convert.hf import export  # noqa: E402
-from megatron_lsh.convert.load import load_model  # noqa: E402
+from megatron_lsh.convert.load import add_checkpoint_flags, load_model  # noqa: E402
 from megatron_lsh.training.checkpoint_files import CheckpointError  # noqa: E402
 
 
 def main(argv=None) -> int:
     """CLI: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--load", required=True, metavar="CKPT_DIR", help="the --save folder")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to create")
-    parser.add_argument("--ckpt-step", type=int, help="iteration to export (default: latest)")
+    add_checkpoint_flags(parser)
     for flag in ("--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model"):
         parser.add_argument(flag, help="overrides what the checkpoint recorded")
     args = parser.parse_args(argv)
