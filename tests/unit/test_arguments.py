@@ -163,13 +163,15 @@ def test_extra_args_provider_values_come_back_in_the_namespace():
      "the learning-rate warmup (10 iterations) must end before --lr-decay-iters / --train-iters (10)"),
     (["--global-batch-size", "5", "--micro-batch-size", "2"],
      "--global-batch-size (5) is not divisible by --micro-batch-size (2)"),
-    (["--data-path", "a", "0.5", "b"], "--data-path must be prefixes only ('P1 P2 ...', blended by size)"),
+    (["--data-path", "a", "0.5", "b"],
+     "--data-path must be prefixes only ('P1 P2 ...', blended by size)"),
     (["--data-path", "0.5", "a", "b"], "--data-path must alternate weights and prefixes"),
     (["--data-path", "-1", "a"], "--data-path weights must be non-negative with a positive sum"),
     (["--split", "1,x"], "--split must be up to three non-negative weights"),
     (["--exit-interval", "0"], "--exit-interval must be positive, got 0"),
     (["--moe-a2a-compression", "zip"], "argument --moe-a2a-compression: invalid choice: 'zip'"),
-    (["--num-layers", "two"], "argument --num-layers/--encoder-num-layers: invalid int value: 'two'"),
+    (["--num-layers", "two"],
+     "argument --num-layers/--encoder-num-layers: invalid int value: 'two'"),
 ])
 def test_bad_values_end_in_one_sentence_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
