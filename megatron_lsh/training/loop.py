@@ -69,6 +69,18 @@ def _world_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _resident_memory() -> str:
+    """This process's resident memory now: anonymous and file-backed (mapped checkpoint
+    pages, which the kernel can drop), from /proc (Linux; '' elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return ""
+    mib = {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile") if k in fields}
+    return ", ".join(f"{k} {v:.0f} MiB now" for k, v in mib.items())
+
+
 class Trainer:
     """Trains the task named ``kind`` (a ``TASKS`` name: 'gpt', 'roberta', 't5') from a
     :class:`MegatronLSHConfig`."""
@@ -402,8 +414,10 @@ class Trainer:
     def _load_resharded(self, load_dir: str, iteration: int, state: dict) -> None:
         """Load a checkpoint saved in another parallel layout (see ``training/reshard.py``)."""
         from megatron_lsh.training.reshard import Resharder, describe_change
+        import resource
         ck = self.config.checkpoint
         t0 = time.perf_counter()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
         resharder = Resharder(state["reshard_from"], self.groups, log=self.log)
         resharder.load_model(self.model)
         if ck.finetune:
@@ -419,11 +433,16 @@ class Trainer:
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
+        rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+        shard = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        memory = _resident_memory()
         self.log(f"> resumed from {load_dir} at iteration {self.iteration} "
                  f"({self.consumed_samples} samples consumed), resharded "
                  f"({describe_change(state['saved_layout'], self.layout)}) in "
                  f"{time.perf_counter() - t0:.1f} s; the random-number states belong to the "
                  f"old layout's ranks and were not restored")
+        self.log(f"> reshard memory on rank 0: peak resident +{rise / 1024:.0f} MiB during the "
+                 f"load ({memory}; its weights: {shard / 2**20:.0f} MiB)")
 
     # -- 5. the loop ----------------------------------------------------------------------------
     def _should_exit(self) -> Optional[str]:
