@@ -28,7 +28,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,17 @@ def shard_master_weight(master: torch.Tensor, partition_dim: int, tp_size: int, 
     return torch.cat(chunks[tp_rank::tp_size], dim=partition_dim)
 
 
+def unshard_master_weight(shards: Sequence[torch.Tensor], partition_dim: int,
+                          stride: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard_master_weight`: every TP rank's shard, in rank order -> the full
+    tensor (chunk j of rank r is chunk j * tp_size + r of the full tensor)."""
+    if len(shards) == 1:
+        return shards[0]
+    pieces = [s.chunk(stride, dim=partition_dim) for s in shards]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(shards))],
+                     dim=partition_dim)
+
+
 def gather_master_weight(shard: torch.Tensor, tp_group: Optional[ProcessGroup],
                          partition_dim: int, stride: int = 1) -> torch.Tensor:
     """Inverse of :func:`shard_master_weight` (a collective): the full tensor on every rank.
@@ -120,10 +131,7 @@ def gather_master_weight(shard: torch.Tensor, tp_group: Optional[ProcessGroup],
     shard = shard.detach().contiguous()
     shards = [torch.empty_like(shard) for _ in range(size)]
     dist.all_gather(shards, shard, group=tp_group)
-    pieces = [s.chunk(stride, dim=partition_dim) for s in shards]
-    # Chunk j of rank r is chunk j * size + r of the full tensor.
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(size)],
-                     dim=partition_dim)
+    return unshard_master_weight(shards, partition_dim, stride)
 
 
 def _init_shard_(param: torch.Tensor, master_shape: tuple, init_method: InitMethod,

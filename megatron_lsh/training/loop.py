@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from typing import Callable, Iterator, Optional
 
@@ -152,8 +153,9 @@ class Trainer:
             self.groups, num_experts=cfg.moe.num_experts, num_layers=cfg.model.num_layers,
             hidden_size=cfg.model.hidden_size,
             use_distributed_optimizer=par.use_distributed_optimizer)
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.optimizer.param_names = [names[id(p)] for p in self.optimizer.model_params]
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self.optimizer.param_names = [self._param_names[id(p)]
+                                      for p in self.optimizer.model_params]
         self._clean_stale_saves()
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
@@ -414,7 +416,6 @@ class Trainer:
     def _load_resharded(self, load_dir: str, iteration: int, state: dict) -> None:
         """Load a checkpoint saved in another parallel layout (see ``training/reshard.py``)."""
         from megatron_lsh.training.reshard import Resharder, describe_change
-        import resource
         ck = self.config.checkpoint
         t0 = time.perf_counter()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
@@ -425,8 +426,7 @@ class Trainer:
                      f"resharded ({describe_change(state['saved_layout'], self.layout)})")
             return
         if not ck.no_load_optim:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            resharder.load_optimizer(self.optimizer, names)
+            resharder.load_optimizer(self.optimizer, self._param_names)
             scaler = resharder.loss_scaler_state()
             if scaler is not None:
                 self.optimizer.loss_scaler.load_state_dict(scaler)

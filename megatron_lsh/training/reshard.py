@@ -14,8 +14,9 @@ rebuilt by name, one tensor at a time:
 3. *this rank's part*: cut out of the full tensor as the new layout's TP / EP rank owns it,
    and for a ZeRO-1 target, the flat slice of each of its shards.
 
-Files are opened memory-mapped and after their checksum is verified, so a process holds one
-full tensor at a time beyond its own shard, never the whole model. The optimizer's fp32
+Files are opened memory-mapped after their checksum is verified, and one full tensor is
+assembled at a time, so a process allocates its own shard plus one full tensor; it still
+reads every file that holds a piece it needs (for a TP or EP change, the whole checkpoint). The optimizer's fp32
 masters, AdamW moments and step counts follow the same path; the learning-rate schedule, loss
 scaler, iteration and consumed samples are layout-free and are taken as they are. RNG states
 belong to ranks of the old layout and are not restored (the run says so): with dropout on,
@@ -27,6 +28,7 @@ and ask for ``--no-load-optim``.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Callable, Iterable, Optional
@@ -34,7 +36,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from megatron_lsh.parallel.dims import ProcessGroups
-from megatron_lsh.parallel.layers import shard_master_weight
+from megatron_lsh.parallel.layers import shard_master_weight, unshard_master_weight
 from megatron_lsh.training.checkpoint_files import (MODEL_FILE, CheckpointError, gather_problems,
                                                    raise_first, safe_load)
 
@@ -43,8 +45,6 @@ _DP_FILE = re.compile(r"^distrib_optim_dp(\d{3})\.pt$")
 ALIASES = {"output_layer.weight": "embedding.word_embeddings.weight"}
 """A tied output layer's copy on the last pipeline stage is the word embedding: a layout
 without that stage split has only the embedding (and the other way round)."""
-STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-"""The per-parameter optimizer tensors a reshard carries (plus the AdamW step count)."""
 
 
 def parse_position(name: str, layout: dict) -> Optional[tuple[int, int, int]]:
@@ -57,15 +57,6 @@ def parse_position(name: str, layout: dict) -> Optional[tuple[int, int, int]]:
     pp = parts.pop(0) if layout.get("pipeline_model_parallel_size", 1) > 1 else 0
     ep = parts.pop(0) if layout.get("expert_model_parallel_size", 1) > 1 else 0
     return (tp, pp, ep) if not parts else None
-
-
-def _unshard(pieces: list, partition_dim: int, stride: int) -> torch.Tensor:
-    """Inverse of :func:`shard_master_weight`: the TP pieces (in rank order) -> full tensor."""
-    if len(pieces) == 1:
-        return pieces[0]
-    chunks = [p.chunk(stride, dim=partition_dim) for p in pieces]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(pieces))],
-                     dim=partition_dim)
 
 
 class TensorSpec:
@@ -89,11 +80,11 @@ class TensorSpec:
             raise CheckpointError(f"the checkpoint has no shard of {where!r} at {missing}")
 
         if self.tp and self.expert:
-            per_ep = [_unshard([pick(t, e) for t in range(tp_size)], self.partition_dim,
+            per_ep = [unshard_master_weight([pick(t, e) for t in range(tp_size)], self.partition_dim,
                                self.stride) for e in range(ep_size)]
             return torch.cat(per_ep, dim=0)
         if self.tp:
-            return _unshard([pick(tp=t) for t in range(tp_size)], self.partition_dim,
+            return unshard_master_weight([pick(tp=t) for t in range(tp_size)], self.partition_dim,
                             self.stride)
         if self.expert:
             return torch.cat([pick(ep=e) for e in range(ep_size)], dim=0)
@@ -294,12 +285,9 @@ class Resharder:
                                       f"for {name!r}")
             if (name, key) not in full_cache:
                 spec = TensorSpec(param)
-                local = {}
-                for pos, entry in pieces[name].items():
-                    if pos == "step":
-                        continue
-                    shape = _local_shape(param, spec, self.groups, self.source.layout)
-                    local[pos] = _assemble(entry.get(key, []), shape, f"{name} ({key})")
+                shape = _local_shape(param, spec, self.groups, self.source.layout)
+                local = {pos: _assemble(entry.get(key, []), shape, f"{name} ({key})")
+                         for pos, entry in pieces[name].items() if pos != "step"}
                 full_cache.clear()   # one full tensor at a time
                 full = spec.full(local, name, self.source.tp_size, self.source.ep_size)
                 full_cache[(name, key)] = spec.mine(full, self.groups)
@@ -366,9 +354,7 @@ def _local_shape(param: torch.Tensor, spec: TensorSpec, groups: ProcessGroups,
 def _assemble(parts: list, shape: tuple, where: str) -> torch.Tensor:
     """A local tensor of ``shape`` from its ``(flat offset, flat piece)`` parts (a piece may be
     an element count: zeros)."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     flat = torch.zeros(numel, dtype=torch.float32)
     covered = 0
     for offset, piece in parts:
@@ -392,5 +378,4 @@ def describe_change(saved: dict, now: dict) -> str:
                      if saved.get(k) != now.get(k))
 
 
-__all__ = ["Resharder", "STATE_KEYS", "SourceCheckpoint", "TensorSpec", "describe_change",
-           "parse_position"]
+__all__ = ["Resharder", "SourceCheckpoint", "TensorSpec", "describe_change", "parse_position"]
