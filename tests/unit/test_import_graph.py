@@ -30,6 +30,7 @@ LAYERS: Dict[str, int] = {
     PACKAGE: 0,  # megatron_lsh/__init__.py
     "config": 0,
     "settings": 0,
+    "model_config": 0,
     "glue": 0,
     "parallel": 1,
     "moe": 2,
