@@ -65,15 +65,29 @@ def _kind_from_names(names) -> str:
     return "gpt"
 
 
-def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
-    """The model of ``load_dir``'s latest checkpoint (or iteration ``step``), in one process.
+@dataclass
+class CheckpointSource:
+    """A checkpoint opened for reading by name in any layout, with what describes it."""
+
+    source: object
+    """The :class:`~megatron_lsh.training.reshard.SourceCheckpoint` to reshard from."""
+    kind: str
+    model_config: ModelConfig
+    moe_config: MoEConfig
+    """The saved MoE config with the uncompressed all-to-all (see the module docstring)."""
+    run_config: dict
+    iteration: int
+    folder: str
+
+
+def open_checkpoint(load_dir: str, step: Optional[int] = None) -> CheckpointSource:
+    """Open ``load_dir``'s latest checkpoint (or iteration ``step``) and read its configs.
 
     CheckpointError (one sentence) for a missing or corrupt folder or a config this code
     cannot rebuild.
     """
-    from megatron_lsh.models import build_model
     from megatron_lsh.training.checkpointing import read_metadata
-    from megatron_lsh.training.reshard import Resharder, SourceCheckpoint
+    from megatron_lsh.training.reshard import SourceCheckpoint
 
     iteration, folder = checkpoint_folder(load_dir, step)
     metadata = read_metadata(folder)
@@ -94,13 +108,29 @@ def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"checkpoint {folder} records a config this code cannot build: "
                               f"{error}") from None
+    return CheckpointSource(source, kind, model_config, moe_config, config, iteration, folder)
+
+
+def without_compressor_state(name: str) -> bool:
+    """True for a compressor's tensors (LSH rotations): a model built with another
+    compressor neither needs nor has them."""
+    return ".compressor." in name
+
+
+def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
+    """The model of ``load_dir``'s latest checkpoint (or iteration ``step``), in one process
+    (CheckpointError as :func:`open_checkpoint`)."""
+    from megatron_lsh.models import build_model
+    from megatron_lsh.training.reshard import Resharder
+
+    ckpt = open_checkpoint(load_dir, step)
     groups = ProcessGroups.single()
-    model = build_model(kind, model_config, moe_config, groups,
-                        seed=config.get("training", {}).get("seed", 1234))
-    # The all-to-all compressor's state (LSH rotations) has no use without compression.
-    Resharder(source, groups).load_model(model, ignore=lambda name: ".compressor." in name)
+    model = build_model(ckpt.kind, ckpt.model_config, ckpt.moe_config, groups,
+                        seed=ckpt.run_config.get("training", {}).get("seed", 1234))
+    Resharder(ckpt.source, groups).load_model(model, ignore=without_compressor_state)
     model.eval()
-    return LoadedModel(model, kind, model_config, moe_config, config, iteration, folder)
+    return LoadedModel(model, ckpt.kind, ckpt.model_config, ckpt.moe_config, ckpt.run_config,
+                       ckpt.iteration, ckpt.folder)
 
 
 @contextlib.contextmanager

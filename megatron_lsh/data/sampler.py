@@ -9,7 +9,7 @@ trainer knows how many samples were really consumed.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -78,11 +78,13 @@ class MegatronPretrainingRandomSampler:
     """Endless epochs over ``dataset_size`` samples, each epoch in a fresh order from ``seed``.
 
     Epoch e is ``permutation(dataset_size)`` from ``RandomState(seed + e)``, cut to whole
-    global batches; ``consumed_samples`` counts samples over all epochs.
+    global batches (or to ``samples_per_epoch``, a multiple of them: fine-tuning cuts epochs
+    to whole optimizer steps); ``consumed_samples`` counts samples over all epochs.
     """
 
     def __init__(self, dataset_size: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int, seed: int = 1234):
+                 data_parallel_rank: int, data_parallel_size: int, seed: int = 1234,
+                 samples_per_epoch: Optional[int] = None):
         _check(dataset_size, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         self.global_batch = micro_batch_size * data_parallel_size
         if dataset_size < self.global_batch:
@@ -94,6 +96,13 @@ class MegatronPretrainingRandomSampler:
         self.data_parallel_rank = data_parallel_rank
         self.seed = seed
         self.samples_per_epoch = dataset_size - dataset_size % self.global_batch
+        if samples_per_epoch is not None:
+            if (samples_per_epoch % self.global_batch or samples_per_epoch <= 0
+                    or samples_per_epoch > dataset_size):
+                raise DataError(f"samples_per_epoch ({samples_per_epoch}) must be a positive "
+                                f"multiple of the global batch ({self.global_batch}) and at "
+                                f"most the dataset size ({dataset_size})")
+            self.samples_per_epoch = samples_per_epoch
         if consumed_samples % self.global_batch:
             raise DataError(f"consumed_samples ({consumed_samples}) is not a multiple of the global "
                             f"batch ({self.global_batch}) the random sampler resumes from")
@@ -116,18 +125,21 @@ class MegatronPretrainingRandomSampler:
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int,
                                   data_parallel_rank: int, data_parallel_size: int,
                                   num_workers: int = 0, dataloader_type: str = "single",
-                                  seed: int = 1234, drop_last: bool = True) -> torch.utils.data.DataLoader:
+                                  seed: int = 1234, drop_last: bool = True,
+                                  samples_per_epoch: Optional[int] = None
+                                  ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with a resumable batch sampler.
 
     ``dataloader_type`` is ``single`` (:class:`MegatronPretrainingSampler`) or ``cyclic``
-    (:class:`MegatronPretrainingRandomSampler`).
+    (:class:`MegatronPretrainingRandomSampler`, with ``seed`` and ``samples_per_epoch``).
     """
     if dataloader_type == "single":
         sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                              data_parallel_rank, data_parallel_size, drop_last)
     elif dataloader_type == "cyclic":
         sampler = MegatronPretrainingRandomSampler(len(dataset), consumed_samples, micro_batch_size,
-                                                   data_parallel_rank, data_parallel_size, seed)
+                                                   data_parallel_rank, data_parallel_size, seed,
+                                                   samples_per_epoch)
     else:
         raise DataError(f"dataloader_type must be 'single' or 'cyclic', got {dataloader_type!r}")
     if num_workers < 0:

@@ -190,6 +190,12 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         }
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy this rank's slices of the model's weights into its fp32 master shards."""
+        for shard, main in zip(self._shards, self._main_params):
+            main.copy_(shard.data)
+
+    @torch.no_grad()
     def load_resharded_state(self, value_of, step_of) -> None:
         """As :meth:`MixedPrecisionOptimizer.load_resharded_state`, for this rank's shards:
         each takes its flat slice of the parameter's local value; then the buffers are

@@ -274,6 +274,15 @@ class MixedPrecisionOptimizer:
             "exp_avg_sq": exp_avg_sq.to(main.device, torch.float32).reshape(main.shape).clone()}
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the model's weights into the fp32 masters: after weights were loaded into the
+        model without optimizer state (``--finetune``, ``--no-load-optim``, a pretrained
+        body), else the next step would write the masters' stale values back."""
+        for p, main in zip(self.model_params, self._main_params):
+            if main is not p:
+                main.copy_(p)
+
+    @torch.no_grad()
     def load_resharded_state(self, value_of, step_of) -> None:
         """Set masters and AdamW state from another layout's checkpoint: ``value_of(param,
         key)`` is this rank's part of ``param``'s ``master`` / ``exp_avg`` / ``exp_avg_sq``

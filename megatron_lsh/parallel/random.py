@@ -60,8 +60,9 @@ class SeedPart(enum.IntEnum):
       ``LAYER`` (a transformer layer's norms, attention and dense MLP), ``MOE`` (its MoE FFN,
       which derives router / expert seeds from this one with :func:`mix_seed`),
       ``SHARED_EXPERT`` (the shared expert of a MoE layer),
-      ``FINAL_LAYERNORM`` (the norm closing a stack, layer 0) and ``MLM_HEAD`` (RoBERTa's
-      dense + LayerNorm head, layer 0);
+      ``FINAL_LAYERNORM`` (the norm closing a stack, layer 0), ``MLM_HEAD`` (RoBERTa's
+      dense + LayerNorm head, layer 0) and ``CLASSIFICATION_HEAD`` (a fine-tuning
+      classifier's output layer, layer 0);
     - model-level parts, ``s + part``: ``EMBEDDING`` (the word embedding, its position
       embedding uses ``s + EMBEDDING + 1``; every tied copy of it, e.g. the output layer of a
       later pipeline stage, uses the same seed so the copies start equal) and ``OUTPUT`` (an
@@ -77,6 +78,7 @@ class SeedPart(enum.IntEnum):
     OUTPUT = 29
     MLM_HEAD = 31
     SHARED_EXPERT = 37
+    CLASSIFICATION_HEAD = 41
 
 
 def layer_seed(seed: int, layer_number: int, part: int = SeedPart.LAYER) -> int:

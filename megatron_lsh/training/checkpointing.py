@@ -460,7 +460,7 @@ def _reshard_state(folder: str, layout: dict) -> dict:
     first = source.model_file(min(source.positions))
     _check_version(folder, first)
     keep = ("iteration", "consumed_samples", "opt_param_scheduler", "config", "model_kind",
-            FORMAT_KEY)
+            "task_state", FORMAT_KEY)
     state = {key: first[key] for key in keep if key in first}
     state.update(reshard_from=source, saved_layout=layout)
     return state

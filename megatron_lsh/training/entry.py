@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_lsh.config import ConfigError
 
@@ -86,24 +86,32 @@ def report_error(error: BaseException) -> None:
     sys.stderr.flush()
 
 
-def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Parse flags for model ``kind`` and run pretraining; returns the exit status."""
-    from megatron_lsh.arguments import parse_args_with_namespace
-    from megatron_lsh.training.loop import TrainingError, pretrain
+def input_errors() -> tuple:
+    """The exception types that mean bad input (flags, data, checkpoint, tokenizer): reported
+    as one sentence, never a traceback."""
+    from megatron_lsh.data.errors import DataError
+    from megatron_lsh.glue.data import GlueDataError
+    from megatron_lsh.tokenizer import TokenizerError
+    from megatron_lsh.training.checkpointing import CheckpointError
+    from megatron_lsh.training.loop import TrainingError
+    return (ConfigError, TrainingError, CheckpointError, DataError, TokenizerError,
+            GlueDataError)
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config, namespace = parse_args_with_namespace(
-        argv, lambda ns: base_for(ns, default_recipe), extra_args_provider=_recipe_flag)
+
+def announce_compat(namespace: argparse.Namespace) -> None:
+    """Say once (rank 0) which accepted Megatron flags were given and do nothing here."""
     if namespace.compat_accepted and os.environ.get("RANK", "0") == "0":
         from megatron_lsh.compat import describe
         for flag in namespace.compat_accepted:
             print(f"> {flag}: accepted, nothing to do: {describe(flag)}", flush=True)
-    from megatron_lsh.data.errors import DataError
-    from megatron_lsh.tokenizer import TokenizerError
-    from megatron_lsh.training.checkpointing import CheckpointError
+
+
+def run_job(job: Callable[[], dict]) -> int:
+    """Run ``job`` (set-up and training; returns its summary) as an entry point does: bad
+    input is one ``error:`` line and exit status 1; success prints the summary (rank 0)."""
     try:
-        summary = pretrain(config, kind)
-    except (ConfigError, TrainingError, CheckpointError, DataError, TokenizerError) as error:
+        summary = job()
+    except input_errors() as error:
         # One sentence, no traceback: these are problems with the input, not bugs.
         report_error(error)
         return 1
@@ -120,3 +128,15 @@ def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def main(kind: str, default_recipe: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags for model ``kind`` and run pretraining; returns the exit status."""
+    from megatron_lsh.arguments import parse_args_with_namespace
+    from megatron_lsh.training.loop import pretrain
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, namespace = parse_args_with_namespace(
+        argv, lambda ns: base_for(ns, default_recipe), extra_args_provider=_recipe_flag)
+    announce_compat(namespace)
+    return run_job(lambda: pretrain(config, kind))

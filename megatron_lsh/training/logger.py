@@ -265,12 +265,16 @@ def format_timers_line(timers: Mapping[str, float]) -> str:
 
 
 def format_validation_box(iteration: int, losses: Mapping[str, float],
-                          prefix: str = "validation loss at") -> str:
-    """Megatron's boxed validation report (three lines); PPL is ``exp(min(20, loss))``."""
+                          prefix: str = "validation loss at",
+                          scores: Optional[Mapping[str, float]] = None) -> str:
+    """Megatron's boxed validation report (three lines); PPL is ``exp(min(20, loss))``;
+    ``scores`` (e.g. a fine-tuning task's accuracy) follow the losses, without PPL."""
     text = f" {prefix} iteration {iteration} | "
     for key, value in losses.items():
         value = _number(value)
         text += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "
+    for key, value in (scores or {}).items():
+        text += f"{key}: {float(_number(value)):.4f} | "
     rule = "-" * (len(text) + 1)
     return f"{rule}\n{text}\n{rule}"
 
@@ -406,15 +410,20 @@ class TrainingLogger:
 
     def log_validation(self, iteration: int, losses: Mapping[str, float],
                        consumed_samples: Optional[int] = None,
-                       prefix: str = "validation loss at") -> Optional[str]:
-        """Print the validation box and write ``<loss> validation`` (and ppl) scalars."""
+                       prefix: str = "validation loss at",
+                       scores: Optional[Mapping[str, float]] = None) -> Optional[str]:
+        """Print the validation box and write ``<loss> validation`` (and ppl) scalars;
+        ``scores`` (metrics that are not losses: accuracy, F1, ...) are written as they are,
+        ``<score> validation`` in TensorBoard and ``<score>`` in the JSONL record."""
         if not self.enabled:
             return None
-        box = format_validation_box(iteration, losses, prefix)
+        box = format_validation_box(iteration, losses, prefix, scores)
         self.print_fn(box)
+        scores = {k: float(_number(v)) for k, v in (scores or {}).items()}
         if self.jsonl is not None:
             values = {_snake(k): float(_number(v)) for k, v in losses.items()}
             values.update({f"{k}_ppl": math.exp(min(20.0, v)) for k, v in list(values.items())})
+            values.update({_snake(k): v for k, v in scores.items()})
             self.jsonl.write({"iteration": int(iteration),
                               "consumed_samples": _number(consumed_samples),
                               "validation": values})
@@ -429,6 +438,8 @@ class TrainingLogger:
                                                 consumed_samples)
                     self.tensorboard.add_scalar(f"{key} validation ppl vs samples", ppl,
                                                 consumed_samples)
+            for key, value in scores.items():
+                self.tensorboard.add_scalar(f"{key} validation", value, iteration)
         return box
 
     def flush(self) -> None:

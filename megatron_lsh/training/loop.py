@@ -83,12 +83,13 @@ def _resident_memory() -> str:
 
 
 class Trainer:
-    """Trains the task named ``kind`` (a ``TASKS`` name: 'gpt', 'roberta', 't5') from a
-    :class:`MegatronLSHConfig`."""
+    """Trains the task named ``kind`` (a ``TASKS`` name: 'gpt', 'roberta', 't5', or a
+    :class:`Task` object) from a :class:`MegatronLSHConfig`."""
 
-    def __init__(self, config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print):
+    def __init__(self, config: MegatronLSHConfig, kind: "str | Task",
+                 log: Callable[[str], None] = print):
         self.config = config
-        self.task: Task = get_task(kind)
+        self.task: Task = kind if isinstance(kind, Task) else get_task(kind)
         self.iteration = 0
         self.consumed_samples = 0
         self._log = log
@@ -111,11 +112,7 @@ class Trainer:
                          self.task.decoder_num_layers(cfg.model))
         gbs = cfg.training.global_batch_size or cfg.training.micro_batch_size * dims.dp
         self.global_batch_size = gbs
-        resolved = cfg.resolved_for_batch(gbs)
-        if resolved is not cfg:
-            self.log(f"> --train-samples {cfg.training.train_samples} at {gbs} samples per "
-                     f"step: {resolved.training.train_iters} iterations")
-            self.config = cfg = resolved
+        self.config = cfg = self._resolved_length(cfg, gbs)
         self.num_microbatches = dims.check_batch(gbs, cfg.training.micro_batch_size)
         self.groups = ProcessGroups.build(dims)
         mp_random.model_parallel_seed(cfg.training.seed, self.groups)
@@ -159,8 +156,7 @@ class Trainer:
         self._clean_stale_saves()
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
-        self.data = build_data(cfg, self.task, self.groups, self.global_batch_size,
-                               tokenizer=self.tokenizer, log=self.log)
+        self.data = self._build_data()
         balance = cfg.moe.aux_loss_coeff if cfg.moe.load_balancing_type != "none" else 0.0
         self.logger = TrainingLogger(cfg.logging, train_iters=cfg.training.train_iters,
                                      enabled=(rank == world - 1), aux_loss_coeff=balance,
@@ -171,6 +167,21 @@ class Trainer:
                                if cfg.training.exit_signal_handler else None)
         self.exit_timer = (ExitDurationTimer(cfg.training.exit_duration_in_mins)
                            if cfg.training.exit_duration_in_mins else None)
+
+    def _resolved_length(self, cfg: MegatronLSHConfig, gbs: int) -> MegatronLSHConfig:
+        """The config with the run's length in iterations at ``gbs`` samples per step
+        (``--train-samples`` converted; fine-tuning counts epochs instead)."""
+        resolved = cfg.resolved_for_batch(gbs)
+        if resolved is not cfg:
+            self.log(f"> --train-samples {cfg.training.train_samples} at {gbs} samples per "
+                     f"step: {resolved.training.train_iters} iterations")
+        return resolved
+
+    def _build_data(self):
+        """The run's datasets and loaders (:class:`~megatron_lsh.training.data.RunData`: the
+        task's pretraining datasets; fine-tuning builds its own)."""
+        return build_data(self.config, self.task, self.groups, self.global_batch_size,
+                          tokenizer=self.tokenizer, log=self.log)
 
     def log(self, message: str) -> None:
         """Print on global rank 0 only."""
@@ -337,7 +348,18 @@ class Trainer:
         if not self._sharded_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
         state["opt_param_scheduler"] = self.scheduler.state_dict()
+        task_state = self.task_state()
+        if task_state is not None:
+            state["task_state"] = task_state
         return state
+
+    def task_state(self) -> Optional[dict]:
+        """Layout-free progress of the run's objective to checkpoint beyond the loop's own
+        (fine-tuning: the dev scores of every epoch); None saves nothing."""
+        return None
+
+    def load_task_state(self, state: Optional[dict]) -> None:
+        """Restore :meth:`task_state` on resume (None: the checkpoint had none)."""
 
     def save(self) -> None:
         """Write a checkpoint of the current iteration to ``--save``."""
@@ -387,6 +409,8 @@ class Trainer:
             self._load_resharded(load_dir, iteration, state)
             return
         self.model.load_state_dict(state["model"])
+        if ck.finetune or ck.no_load_optim:
+            self.optimizer.reload_model_params()
         if ck.finetune:
             self.log(f"> loaded model weights of iteration {iteration} for finetuning")
             return
@@ -410,6 +434,7 @@ class Trainer:
             mp_random.load_state_dict(state["rng_state"])
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
+        self.load_task_state(state.get("task_state"))
         self.log(f"> resumed from {load_dir} at iteration {self.iteration} "
                  f"({self.consumed_samples} samples consumed)")
 
@@ -421,6 +446,8 @@ class Trainer:
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
         resharder = Resharder(state["reshard_from"], self.groups, log=self.log)
         resharder.load_model(self.model)
+        if ck.finetune or ck.no_load_optim:
+            self.optimizer.reload_model_params()
         if ck.finetune:
             self.log(f"> loaded model weights of iteration {iteration} for finetuning, "
                      f"resharded ({describe_change(state['saved_layout'], self.layout)})")
@@ -433,6 +460,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
+        self.load_task_state(state.get("task_state"))
         rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
         shard = sum(p.numel() * p.element_size() for p in self.model.parameters())
         memory = _resident_memory()
@@ -517,8 +545,12 @@ class Trainer:
 
 def pretrain(config: MegatronLSHConfig, kind: str, log: Callable[[str], None] = print) -> dict:
     """Set up and run a pretraining job; the entry scripts call only this."""
+    return run_trainer(Trainer(config, kind, log=log))
+
+
+def run_trainer(trainer: Trainer) -> dict:
+    """Set up and train ``trainer``; the process group it started is destroyed after."""
     owns_process_group = not dist.is_initialized()
-    trainer = Trainer(config, kind, log=log)
     trainer.setup()
     summary = trainer.train()
     if dist.is_initialized():

@@ -177,15 +177,20 @@ class Resharder:
 
     @torch.no_grad()
     def load_model(self, model: torch.nn.Module,
-                   ignore: Optional[Callable[[str], bool]] = None) -> None:
+                   ignore: Optional[Callable[[str], bool]] = None,
+                   optional: Optional[Callable[[str], bool]] = None) -> None:
         """Fill every parameter and buffer of ``model`` (this rank's stage) from the checkpoint.
 
         ``ignore(name)``: checkpoint tensors the model may lack (e.g. a compressor's state
-        when the model is built without compression)."""
+        when the model is built without compression). ``optional(name)``: model tensors the
+        checkpoint may lack, left as initialised then (e.g. a fine-tuning head on a
+        pretrained body)."""
         specs = {n: TensorSpec(t) for n, t in list(model.named_parameters())
                  + list(model.named_buffers())}
         state = model.state_dict()
         for name, target in state.items():
+            if optional is not None and optional(name) and not self._model_pieces(name):
+                continue
             try:
                 self._load_tensor(name, target, specs.get(name) or TensorSpec(target))
             except CheckpointError as error:

@@ -49,6 +49,12 @@ def make_batches(kind: str, config: ModelConfig, seed: int = 7) -> list[dict]:
         if kind == "gpt":
             out.append(dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:],
                             loss_mask=torch.ones(b, s)))
+        elif kind == "gpt-classifier":
+            pad = torch.ones(b, s, dtype=torch.bool)
+            pad[0, -3:] = False   # right padding: the last real token is read
+            out.append(dict(input_ids=tokens[:, :-1], padding_mask=pad,
+                            labels=torch.randint(0, 2, (b,), generator=g),
+                            loss_mask=torch.ones(b)))
         elif kind == "roberta":
             pad = torch.ones(b, s, dtype=torch.bool)
             pad[0, -2:] = False  # some padding, to exercise the mask
@@ -70,6 +76,7 @@ def make_batches(kind: str, config: ModelConfig, seed: int = 7) -> list[dict]:
 def model_inputs(kind: str, batch: dict, hidden_states=None) -> dict:
     """Keyword arguments of the model's forward for one micro-batch."""
     keys = {"gpt": ("input_ids", "labels"),
+            "gpt-classifier": ("input_ids", "padding_mask", "labels"),
             "roberta": ("input_ids", "padding_mask", "labels"),
             "t5": ("encoder_input_ids", "decoder_input_ids", "encoder_padding_mask", "labels")}
     kwargs = {k: batch[k] for k in keys[kind]}

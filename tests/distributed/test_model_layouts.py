@@ -14,6 +14,10 @@ TP2xEP2, TP2xPP2xEP2, PP2xDP2xEP2 and TP2xDP2xEP4; plus TP=2 and TP2xEP2 with se
 parallelism for GPT and RoBERTa (T5 has none), where the load-balancing loss is off (each TP
 rank computes it on its sequence shard, which is not the whole micro-batch's loss).
 
+The GLUE fine-tuning classifier (``gpt-classifier``: the GPT body with a last-token
+classification head, right-padded samples, a per-sample cross-entropy) runs under both
+compressors on the world-2 layouts, TP2xEP2 with sequence parallelism, EP=4 and TP2xPP2xEP2.
+
 The "modern" GPT jobs (``model_layouts_util.MODERN_MODEL`` / ``MODERN_MOE``: RMSNorm, RoPE,
 grouped-query attention, SwiGLU, no biases, untied output, a 0/1 MoE layer pattern,
 per-sequence load balancing, sigmoid scores, a separate expert width and a shared expert)
@@ -59,7 +63,10 @@ WORLD2_JOBS = (make_jobs(2, WORLD2_LAYOUTS)
                            sequence_parallel=True)
                + make_modern_jobs(2, [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2)])
                + make_modern_jobs(2, [(2, 1, 2)], sequence_parallel=True))
-WORLD4_JOBS = make_jobs(4, WORLD4_LAYOUTS) + make_modern_jobs(4, [(2, 2, 2), (1, 2, 2)])
+WORLD2_JOBS += (make_jobs(2, WORLD2_LAYOUTS, kinds=("gpt-classifier",))
+                + make_jobs(2, [(2, 1, 2)], kinds=("gpt-classifier",), sequence_parallel=True))
+WORLD4_JOBS = (make_jobs(4, WORLD4_LAYOUTS) + make_modern_jobs(4, [(2, 2, 2), (1, 2, 2)])
+               + make_jobs(4, [(1, 1, 4), (2, 2, 2)], kinds=("gpt-classifier",)))
 
 _references: dict = {}
 

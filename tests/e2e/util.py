@@ -50,7 +50,14 @@ def tiny_run_args(kind: str, data_prefix: str, workdir: str, *, iters: int = 20)
 def run_entry(kind: str, args: list[str], nproc: int, timeout: float = 300,
               check: bool = True) -> subprocess.CompletedProcess:
     """Run ``pretrain_{kind}_moe.py`` under torchrun (or python for one process)."""
-    script = str(REPO / f"pretrain_{kind}_moe.py")
+    return run_script(f"pretrain_{kind}_moe.py", args, nproc, timeout, check)
+
+
+def run_script(name: str, args: list[str], nproc: int, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run the entry point ``name`` of the repository under torchrun (python for one
+    process); with ``check`` a failure raises with the end of its output."""
+    script = str(REPO / name)
     if nproc == 1:
         cmd = [sys.executable, script, *args]
     else:
@@ -60,7 +67,7 @@ def run_entry(kind: str, args: list[str], nproc: int, timeout: float = 300,
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{kind} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
     return proc
 
@@ -69,3 +76,54 @@ def read_metrics(path: str, kind: str = "iteration") -> list[dict]:
     """The iteration (or ``kind='validation'``) records of a --metrics-jsonl file."""
     from megatron_lsh.training.logger import read_metrics as read
     return read(path, kind)
+
+
+def write_glue_task(folder: str, task: str, n_train: int = 256, n_dev: int = 64,
+                    n_test: int = 32, seed: int = 0) -> str:
+    """A learnable GLUE task in GLUE's own file format, in NullTokenizer text (ids < VOCAB).
+
+    SST-2: random ids 10..59 with one keyword id inserted, 3 for label 1 and 4 for label 0.
+    MNLI: a random premise, a hypothesis holding keyword 3 / 4 / 5 for contradiction /
+    entailment / neutral (files dev_matched, dev_mismatched, test_matched, test_mismatched).
+    STS-B: the score is the number of keyword-3 ids in both sentences (0..5).
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+
+    def words(n_keywords: int = 0, keyword: int = 3) -> list:
+        ids = [str(x) for x in rng.integers(10, 60, size=rng.integers(4, 12))]
+        for _ in range(n_keywords):
+            ids.insert(int(rng.integers(0, len(ids) + 1)), str(keyword))
+        return ids
+
+    def rows(n: int, test: bool):
+        for i in range(n):
+            if task == "SST-2":
+                label = int(rng.integers(0, 2))
+                text = " ".join(words(1, 3 if label else 4))
+                yield [str(i), text] if test else [text, str(label)]
+            elif task == "MNLI":
+                label = int(rng.integers(0, 3))
+                premise, hypothesis = " ".join(words()), " ".join(words(1, 3 + label))
+                gold = ("contradiction", "entailment", "neutral")[label]
+                yield ([str(i), premise, hypothesis] if test else
+                       [str(i), premise, hypothesis, gold])
+            else:   # STS-B
+                a, b = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+                s1, s2 = " ".join(words(a)), " ".join(words(b))
+                yield [str(i), s1, s2] if test else [str(i), s1, s2, f"{min(5, a + b):.1f}"]
+
+    headers = {"SST-2": (["sentence", "label"], ["index", "sentence"]),
+               "MNLI": (["index", "sentence1", "sentence2", "gold_label"],
+                        ["index", "sentence1", "sentence2"]),
+               "STS-B": (["index", "sentence1", "sentence2", "score"],
+                         ["index", "sentence1", "sentence2"])}[task]
+    dev = ("dev_matched", "dev_mismatched") if task == "MNLI" else ("dev",)
+    test = ("test_matched", "test_mismatched") if task == "MNLI" else ("test",)
+    for split, n, is_test in ([("train", n_train, False)] + [(d, n_dev, False) for d in dev]
+                              + [(t, n_test, True) for t in test]):
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.write("\t".join(headers[1] if is_test else headers[0]) + "\n")
+            for row in rows(n, is_test):
+                f.write("\t".join(row) + "\n")
+    return folder

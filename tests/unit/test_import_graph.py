@@ -39,6 +39,7 @@ LAYERS: Dict[str, int] = {
     "arguments": 4,
     "compat": 4,
     "convert": 5,
+    "finetune": 6,
 }
 """The layer of each component (a top-level module or subpackage of ``megatron_lsh``).
 
@@ -48,7 +49,9 @@ optimizers) < ``moe`` (router, dispatcher, experts, compression) < ``models`` (G
 T5 built from those) < ``training`` (the loop, tasks, checkpoints) and ``arguments`` (the
 command line, which fills the config for the training entry points) with ``compat`` (the
 Megatron-LM flags the command line accepts or refuses without a setting) < ``convert``
-(checkpoints used outside training: whole-model loading, Hugging Face export, generation).
+(checkpoints used outside training: whole-model loading, Hugging Face export, generation)
+< ``finetune`` (GLUE fine-tuning: the trainer with epochs and scoring, a pretrained body
+loaded through ``convert``).
 """
 
 SIDE_COMPONENTS: Dict[str, Set[str]] = {

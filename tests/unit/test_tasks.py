@@ -30,7 +30,9 @@ KINDS = ("gpt", "roberta", "t5")
 
 
 def test_tasks_match_the_model_registry_and_the_recipes():
-    assert sorted(TASKS) == sorted(MODEL_CLASSES) == sorted(KINDS)
+    # The registry also holds the fine-tuning classifier, whose task is built per GLUE task.
+    assert sorted(TASKS) == sorted(KINDS)
+    assert set(MODEL_CLASSES) == set(KINDS) | {"gpt-classifier"}
     for name, task in TASKS.items():
         assert task.name == name and task.model_class is MODEL_CLASSES[name]
         assert task.model_class.kind == name
@@ -39,6 +41,30 @@ def test_tasks_match_the_model_registry_and_the_recipes():
     assert {recipe.kind for recipe in RECIPES.values()} <= set(TASKS)
     with pytest.raises(ConfigError, match="model kind must be one of"):
         get_task("bert")
+
+
+def test_the_fine_tuning_task_feeds_the_registered_classifier():
+    from megatron_lsh.finetune.data import SplitDataset, encode_split
+    from megatron_lsh.finetune.task import ClassificationTask
+    from megatron_lsh.glue.data import Example
+    from megatron_lsh.glue.data import get_task as glue_task
+    from megatron_lsh.tokenizer.base import NullTokenizer
+    task = ClassificationTask(glue_task("MNLI"))
+    assert task.model_class is MODEL_CLASSES[task.name] and task.loss_name != "lm loss"
+    split = encode_split(task.glue_task, "train", [Example(("1 2", "3"), 2, "0")],
+                         NullTokenizer(16), 8)
+    batch = torch.utils.data.default_collate([SplitDataset(split)[0]])
+    forward = set(inspect.signature(task.model_class.forward).parameters) - {"self"}
+    inputs = task.model_inputs(batch)
+    assert set(inputs) <= forward and inputs["labels"].tolist() == [2]
+    config = get_recipe("tiny-gpt-moe").model()
+    model = task.build_model(config, get_recipe("tiny-gpt-moe").moe(), _single(), seed=1)
+    assert model.classification_head.dense.out_features == 3
+
+
+def _single():
+    from megatron_lsh.parallel.dims import ProcessGroups
+    return ProcessGroups.single()
 
 
 def _dataset_batch(task: Task, config, b: int = 2) -> dict:
@@ -110,7 +136,7 @@ def test_synthetic_batches_are_pinned(kind):
 def test_seed_scheme_is_pinned():
     assert {p.name: int(p) for p in SeedPart} == {
         "LAYER": 0, "MOE": 1, "FINAL_LAYERNORM": 7, "EMBEDDING": 17, "OUTPUT": 29,
-        "MLM_HEAD": 31, "SHARED_EXPERT": 37}
+        "MLM_HEAD": 31, "SHARED_EXPERT": 37, "CLASSIFICATION_HEAD": 41}
     assert layer_seed(1234, 3, SeedPart.MOE) == 1234004006
     assert layer_seed(1234, 0, SeedPart.MLM_HEAD) == 1234003733
     assert layer_seed(1234, 5) == layer_seed(1234, 5, SeedPart.LAYER)
