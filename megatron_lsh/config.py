@@ -259,8 +259,15 @@ class DataConfig:
     mask_prob: float = setting(0.15, "--mask-prob", "Fraction of tokens masked (MLM, T5).")
     short_seq_prob: float = 0.0
     num_workers: int = setting(0, "--num-workers", "Data-loader worker processes.")
+    crop_min_scale: float = setting(
+        0.08, "--crop-min-scale", "Images: the smallest share of the image area a training "
+        "crop covers (random resized crop; ImageNet's 0.08).")
+    hflip: bool = setting(True, "--no-hflip", "Images: no random horizontal flips in training "
+                          "(for classes a mirror changes, such as digits).")
 
     def __post_init__(self):
+        require(0.0 < self.crop_min_scale <= 1.0,
+                f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}")
         # Launch scripts often leave quotes in the value ("--split '99,1,0'"), as Megatron takes.
         self.split = self.split.strip().strip("'\"").replace(" ", "")
         parts = self.split.replace("/", ",").split(",")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from megatron_lsh.settings import (_derive, check_choice, check_non_negative, check_positive,
-                                   check_probability, parse_moe_layer_freq, require, setting)
+                                   check_probability, parse_int_tuple, parse_moe_layer_freq, require,
+                                   setting)
 
 __all__ = ["ModelConfig", "MoEConfig"]
 
@@ -95,6 +96,23 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = setting(
         None, "--recompute-num-layers", "Layers per recomputed chunk (uniform) or recomputed "
         "layers per stage (block); 1 when not given.")
+    # Vision models (Swin-MoE); the language models ignore these.
+    img_size: int = setting(224, "--img-size", "Image side in pixels (square images).")
+    patch_dim: int = setting(4, "--patch-dim", "Side of the square patches embedded as tokens.")
+    num_channels: int = setting(3, "--num-channels", "Colour channels of the input images.")
+    num_classes: int = setting(1000, "--num-classes", "Output classes of a classifier.")
+    window_size: int = setting(7, "--window-size",
+                               "Swin: side of the attention windows, in patches.")
+    swin_depths: Any = setting((2, 2, 6, 2), "--swin-depths",
+                               "Swin: blocks per stage; their sum is --num-layers.",
+                               parse=parse_int_tuple, metavar="D1,D2,...")
+    swin_num_heads: Any = setting((3, 6, 12, 24), "--swin-num-heads",
+                                  "Swin: attention heads per stage (stage 1 width is "
+                                  "--hidden-size, doubled by each patch merging).",
+                                  parse=parse_int_tuple, metavar="H1,H2,...")
+    label_smoothing: float = setting(0.0, "--label-smoothing",
+                                     "Image classification: label smoothing of the "
+                                     "cross-entropy.")
 
     @property
     def uses_learned_positions(self) -> bool:
@@ -157,6 +175,11 @@ class ModelConfig:
                     f"full, got {self.recompute_granularity}")
         if self.recompute_num_layers is not None:
             check_positive(self, "recompute_num_layers")
+        self.swin_depths = parse_int_tuple(self.swin_depths)
+        self.swin_num_heads = parse_int_tuple(self.swin_num_heads)
+        check_positive(self, "img_size", "patch_dim", "num_channels", "num_classes",
+                       "window_size")
+        check_probability(self, "label_smoothing")
 
 
 @dataclass

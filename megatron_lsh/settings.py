@@ -129,3 +129,18 @@ def parse_moe_layer_freq(text: str):
     if isinstance(result, list) and not all(type(v) is int for v in result):
         raise ConfigError(f"--moe-layer-freq must give a flat list of 0 and 1, got {text!r}")
     return result
+
+
+def parse_int_tuple(text) -> tuple:
+    """``"2,2,6,2"`` (or a list / tuple of ints) -> ``(2, 2, 6, 2)``; ValueError otherwise."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text).replace(" ", ",").split(",") if t]
+    try:
+        values = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"expected comma-separated integers, got {text!r}")
+    return values

@@ -28,6 +28,7 @@ class ClassificationTask(Task):
         self.glue_task = glue_task
         self.pooling = pooling
         self.loss_name = "regression loss" if glue_task.is_regression else "classification loss"
+        self.loss_has_perplexity = False
 
     def build_model(self, model: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
                     seed: int, sequence_parallel: bool = False, device=None) -> torch.nn.Module:

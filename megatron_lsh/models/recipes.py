@@ -46,7 +46,7 @@ class Recipe:
 
     name: str
     kind: str
-    """The task that trains it: 'gpt', 'roberta' or 't5'."""
+    """The task that trains it: 'gpt', 'roberta', 't5' or 'swin'."""
     model_config: ModelConfig
     moe_config: MoEConfig
     doc: str = ""
@@ -148,6 +148,39 @@ _register(Recipe(
     MoEConfig(num_experts=4, router_topk=2, moe_layer_freq=1, aux_loss_coeff=1e-2),
     doc="A 4-layer Mixtral-style GPT-MoE (GQA 4/2 heads, RoPE, RMSNorm, SwiGLU experts on "
         "every layer, no biases, untied) for CPU runs."))
+
+
+def swin_moe_pattern(depths) -> list:
+    """Swin-MoE's placement as a ``--moe-layer-freq`` pattern over all blocks: MoE in every
+    other block (the 2nd, 4th, ... of a stage) of the last two stages, dense elsewhere."""
+    pattern = []
+    for stage, depth in enumerate(depths):
+        late = stage >= len(depths) - 2
+        pattern += [int(late and i % 2 == 1) for i in range(depth)]
+    return pattern
+
+
+_SWIN_L = ModelConfig(num_layers=24, hidden_size=192, num_attention_heads=6,
+                      swin_depths=(2, 2, 18, 2), swin_num_heads=(6, 12, 24, 48), img_size=224,
+                      patch_dim=4, window_size=7, num_classes=1000, seq_length=3136,
+                      hidden_dropout=0.0, attention_dropout=0.0, label_smoothing=0.1)
+_register(Recipe(
+    "swin-moe-l", "swin", _SWIN_L,
+    MoEConfig(num_experts=32, router_topk=2, aux_loss_coeff=1e-2,
+              moe_layer_freq=swin_moe_pattern((2, 2, 18, 2))),
+    doc="Swin-MoE-L: Swin-L (embed 192, depths 2/2/18/2, heads 6/12/24/48, window 7, 224 px, "
+        "patch 4; the dense Swin-L has 196.5M parameters, published 197M) with 32 experts, "
+        "top-2, in every other block of stages 3 and 4 (10 MoE blocks), as Swin-MoE places "
+        "them; 1000 classes."))
+_register(Recipe(
+    "tiny-swin-moe", "swin",
+    ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=2, swin_depths=(2, 2),
+                swin_num_heads=(2, 4), img_size=32, patch_dim=4, window_size=4, num_classes=10,
+                seq_length=64, hidden_dropout=0.0, attention_dropout=0.0),
+    MoEConfig(num_experts=4, router_topk=2, aux_loss_coeff=1e-2,
+              moe_layer_freq=swin_moe_pattern((2, 2))),
+    doc="A 2-stage Swin-MoE (32 px, 8 x 8 patches, windows of 4, widths 32/64, 4 experts in "
+        "the 2nd block of each stage, 10 classes) for CPU runs."))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -13,11 +13,12 @@ from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.classification import GPTClassifier
 from megatron_lsh.models.gpt import GPTModel
 from megatron_lsh.models.roberta import RobertaModel
+from megatron_lsh.models.swin import SwinMoEModel
 from megatron_lsh.models.t5 import T5Model
 
 MODEL_CLASSES: Dict[str, Type[StageModel]] = {cls.kind: cls
                                               for cls in (GPTModel, RobertaModel, T5Model,
-                                                          GPTClassifier)}
+                                                          GPTClassifier, SwinMoEModel)}
 """Model kind -> model class."""
 
 

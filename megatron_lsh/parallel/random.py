@@ -61,8 +61,9 @@ class SeedPart(enum.IntEnum):
       which derives router / expert seeds from this one with :func:`mix_seed`),
       ``SHARED_EXPERT`` (the shared expert of a MoE layer),
       ``FINAL_LAYERNORM`` (the norm closing a stack, layer 0), ``MLM_HEAD`` (RoBERTa's
-      dense + LayerNorm head, layer 0) and ``CLASSIFICATION_HEAD`` (a fine-tuning
-      classifier's output layer, layer 0);
+      dense + LayerNorm head, layer 0), ``CLASSIFICATION_HEAD`` (a classifier's output
+      layer, layer 0) and ``PATCH_MERGING`` (Swin's merging after the stage ending at
+      block n);
     - model-level parts, ``s + part``: ``EMBEDDING`` (the word embedding, its position
       embedding uses ``s + EMBEDDING + 1``; every tied copy of it, e.g. the output layer of a
       later pipeline stage, uses the same seed so the copies start equal) and ``OUTPUT`` (an
@@ -79,6 +80,7 @@ class SeedPart(enum.IntEnum):
     MLM_HEAD = 31
     SHARED_EXPERT = 37
     CLASSIFICATION_HEAD = 41
+    PATCH_MERGING = 43
 
 
 def layer_seed(seed: int, layer_number: int, part: int = SeedPart.LAYER) -> int:

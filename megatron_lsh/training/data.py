@@ -5,7 +5,7 @@ micro-batches; the sampler hands DP rank ``r`` its slice of each global batch, s
 the consumed-sample count, so a resumed run draws exactly the batches an uninterrupted one
 would have drawn. Validation always reads the same first ``eval_iters`` global batches, so
 validation losses are comparable across a run and across runs. The dataset class and its
-extra arguments come from the run's :class:`~megatron_lsh.training.tasks.Task`.
+extra arguments come from the run's :class:`~megatron_lsh.training.tasks.Task` (``task``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 
 from megatron_lsh.config import ConfigError, MegatronLSHConfig
 from megatron_lsh.parallel.dims import ProcessGroups
-from megatron_lsh.training.tasks import Task
 
 
 def build_run_tokenizer(config: MegatronLSHConfig):
@@ -83,7 +82,7 @@ def _with_mock_data(config: MegatronLSHConfig, tokenizer,
 class RunData:
     """Train / validation datasets of a run and iterators over this rank's micro-batches."""
 
-    def __init__(self, config: MegatronLSHConfig, task: Task, groups: ProcessGroups,
+    def __init__(self, config: MegatronLSHConfig, task, groups: ProcessGroups,
                  global_batch_size: int, tokenizer, log: Callable[[str], None] = print):
         from megatron_lsh.data.builder import build_train_valid_test_datasets
         from megatron_lsh.data.special_tokens import SpecialTokenIds
@@ -115,6 +114,11 @@ class RunData:
                               f"{d.data_path}")
 
     @property
+    def eval_iters(self) -> int:
+        """Global batches per validation pass (``--eval-iters``)."""
+        return self.config.training.eval_iters
+
+    @property
     def has_valid(self) -> bool:
         """True when the split gives validation documents and eval_iters > 0."""
         return self.valid is not None and self.config.training.eval_iters > 0
@@ -143,7 +147,7 @@ class RunData:
         return self._iterate(self._loader(self.valid, 0)) if self.has_valid else None
 
 
-def build_data(config: MegatronLSHConfig, task: Task, groups: ProcessGroups,
+def build_data(config: MegatronLSHConfig, task, groups: ProcessGroups,
                global_batch_size: int, tokenizer=None,
                log: Callable[[str], None] = print) -> RunData:
     """Build the run's datasets (indices are built once on rank 0 and cached)."""

@@ -10,7 +10,8 @@ name, datasets, layer counts, tokens per sample) comes from the run's
    optimizer, learning-rate schedule, datasets, and a resume from ``--load``;
 2. ``train_step``: one global batch: every micro-batch through the pipeline schedule, the
    gradient reduction, tied-embedding sync, and the optimizer step;
-3. ``evaluate``: the validation loss on a fixed set of batches (comparable across runs);
+3. ``evaluate``: the validation loss on a fixed set of batches (comparable across runs), and
+   the task's scores (top-1 / top-5 for image classification);
 4. ``save``: a checkpoint of everything stateful (model, optimizer + loss scaler, schedule,
    RNG, sampler position, LSH rotations, config);
 5. ``train``: the loop with logging, evaluation, saving and the exit conditions.
@@ -36,7 +37,7 @@ from megatron_lsh.parallel.p2p import PipelineP2P
 from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embedding_grads,
                                             forward_backward, sync_tied_embedding_weights)
 from megatron_lsh.training import checkpointing
-from megatron_lsh.training.data import build_data, build_run_tokenizer
+from megatron_lsh.training.data import build_run_tokenizer
 from megatron_lsh.training.logger import TrainingLogger, format_arguments
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
@@ -178,10 +179,10 @@ class Trainer:
         return resolved
 
     def _build_data(self):
-        """The run's datasets and loaders (:class:`~megatron_lsh.training.data.RunData`: the
-        task's pretraining datasets; fine-tuning builds its own)."""
-        return build_data(self.config, self.task, self.groups, self.global_batch_size,
-                          tokenizer=self.tokenizer, log=self.log)
+        """The run's datasets and loaders, as the task builds them (:meth:`Task.build_data`;
+        fine-tuning overrides this with its GLUE files)."""
+        return self.task.build_data(self.config, self.groups, self.global_batch_size,
+                                    self.tokenizer, self.log)
 
     def log(self, message: str) -> None:
         """Print on global rank 0 only."""
@@ -193,8 +194,10 @@ class Trainer:
         cfg = self.config
         numbers = self.task.moe_layer_numbers(cfg.model, cfg.moe)
         self.num_moe_layers = len(numbers)
+        # A transformer layer, or any block that declares itself one (Swin's blocks).
         return [(numbers.index(m.layer_number), m) for m in self.model.modules()
-                if isinstance(m, TransformerLayer) and m.is_moe]
+                if (isinstance(m, TransformerLayer) or getattr(m, "is_block", False))
+                and m.is_moe]
 
     # -- 2. one training step -------------------------------------------------------------------
     def _forward_step_fn(self, batches: list, moe_acc: Optional[torch.Tensor]):
@@ -315,23 +318,63 @@ class Trainer:
         return out
 
     # -- 3. evaluation --------------------------------------------------------------------------
+    def _eval_step_fn(self, batches: list):
+        model, task, groups = self.model, self.task, self.groups
+
+        def forward_step(mb: int, inputs):
+            batch = batches[mb]
+            hidden = inputs[0] if inputs else None
+            out, _ = model(**task.eval_inputs(batch, hidden))
+            if not groups.is_last_stage:
+                return StageOutput(outputs=[out])
+            return StageOutput(report=task.eval_report(out, batch))
+        return forward_step
+
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean validation loss over ``eval_iters`` fixed batches (None without data)."""
+    def evaluate_with_scores(self) -> Optional[tuple[float, dict]]:
+        """``(validation loss, scores)`` over the validation batches (None without data): the
+        task's report of every micro-batch (:meth:`Task.eval_report`) summed over them and
+        over the ranks that own the loss, then turned into numbers by
+        :meth:`Task.eval_result` (the language models: the mean loss over ``eval_iters``
+        fixed batches, no scores; image classification: loss, top-1, top-5 over the whole
+        validation set)."""
         iterator = self.data.valid_iterator()
-        if iterator is None or self.config.training.eval_iters == 0:
+        iters = self.data.eval_iters
+        if iterator is None or iters == 0:
             return None
         self.model.eval()
-        total, count = 0.0, 0
-        for _ in range(self.config.training.eval_iters):
+        keys = self.task.eval_keys
+        totals, count = [0.0] * len(keys), 0
+        counts = self.groups.is_last_stage and self.groups.tp_rank == 0
+        for _ in range(iters):
             batches = self._next_batches(iterator)
-            reports = forward_backward(self._forward_step_fn(batches, None),
-                                       self.num_microbatches, self.groups, self.p2p,
-                                       forward_only=True)
-            total += self._reduce_loss(reports)
-            count += 1
+            reports = forward_backward(self._eval_step_fn(batches), self.num_microbatches,
+                                       self.groups, self.p2p, forward_only=True)
+            if counts:
+                for report in reports:
+                    totals = [t + float(report[k]) for t, k in zip(totals, keys)]
+                count += len(reports)
         self.model.train()
-        return total / count
+        summed = _world_sum(totals + [float(count if counts else 0)], self.device)
+        return self.task.eval_result(dict(zip(keys, summed[:-1])), summed[-1])
+
+    def evaluate(self) -> Optional[float]:
+        """The validation loss (see :meth:`evaluate_with_scores`)."""
+        result = self.evaluate_with_scores()
+        return None if result is None else result[0]
+
+    def _validate(self) -> Optional[float]:
+        """Evaluate, log the validation box / scalars / JSONL record, return the loss."""
+        result = self.evaluate_with_scores()
+        if result is None:
+            return None
+        loss, scores = result
+        losses = {self.task.loss_name: loss}
+        if not self.task.loss_has_perplexity:   # e.g. a classification loss: no PPL
+            losses, scores = {}, {**losses, **scores}
+        self.logger.log_validation(self.iteration, losses, self.consumed_samples,
+                                   scores=scores or None)
+        return loss
 
     # -- 4. checkpoints -------------------------------------------------------------------------
     @property
@@ -511,9 +554,7 @@ class Trainer:
         iterator = self.data.train_iterator(self.consumed_samples)
         first_valid = last_valid = None
         if self.iteration == 0 and self.data.has_valid:
-            first_valid = last_valid = self.evaluate()
-            self.logger.log_validation(0, {self.task.loss_name: first_valid},
-                                       self.consumed_samples)
+            first_valid = last_valid = self._validate()
         exit_reason, last = None, None
         while self.iteration < tr.train_iters:
             last = self.train_step(iterator)
@@ -521,9 +562,7 @@ class Trainer:
             saved = False
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.data.has_valid:
                 with self.watchdog.phase("evaluation", self.iteration):
-                    last_valid = self.evaluate()
-                self.logger.log_validation(self.iteration, {self.task.loss_name: last_valid},
-                                           self.consumed_samples)
+                    last_valid = self._validate()
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
                 saved = True

@@ -32,6 +32,7 @@ from megatron_lsh.data.t5_dataset import T5Dataset
 from megatron_lsh.models.base import StageModel
 from megatron_lsh.models.gpt import GPTModel
 from megatron_lsh.models.roberta import RobertaModel
+from megatron_lsh.models.swin import SwinMoEModel
 from megatron_lsh.models.t5 import T5Model
 from megatron_lsh.parallel.dims import ProcessGroups
 
@@ -40,13 +41,16 @@ class Task:
     """One model kind's objective; subclasses set the class attributes and :meth:`inputs`."""
 
     name: ClassVar[str]
-    """The kind's name, as in ``Recipe.kind`` and the entry points ('gpt', 'roberta', 't5')."""
+    """The kind's name, as in ``Recipe.kind`` and the entry points ('gpt', 'roberta', 't5',
+    'swin')."""
     model_class: ClassVar[Type[StageModel]]
     """The model (one pipeline stage of it)."""
     dataset_class: ClassVar[type]
     """The dataset class ``build_train_valid_test_datasets`` builds."""
     loss_name: ClassVar[str] = "lm loss"
     """The name the loss is reported under (logs, metrics, validation)."""
+    loss_has_perplexity: ClassVar[bool] = True
+    """The validation box reports ``exp(loss)`` as PPL (a language model's loss)."""
 
     def build_model(self, model: ModelConfig, moe: MoEConfig, groups: ProcessGroups, *,
                     seed: int, sequence_parallel: bool = False, device=None) -> torch.nn.Module:
@@ -75,6 +79,32 @@ class Task:
     def dataset_kwargs(self, config: MegatronLSHConfig) -> dict:
         """Extra keyword arguments of ``dataset_class`` taken from the run's config."""
         return {}
+
+    def build_data(self, config: MegatronLSHConfig, groups: ProcessGroups,
+                   global_batch_size: int, tokenizer, log):
+        """The run's datasets and loaders: for the language models the pretraining datasets
+        of ``dataset_class`` (:class:`~megatron_lsh.training.data.RunData`)."""
+        from megatron_lsh.training.data import build_data
+        return build_data(config, self, groups, global_batch_size, tokenizer=tokenizer, log=log)
+
+    # -- evaluation: what a validation pass reports per micro-batch and how it adds up ------
+    @property
+    def eval_keys(self) -> tuple:
+        """The numbers :meth:`eval_report` returns, summed over micro-batches and ranks."""
+        return (self.loss_name,)
+
+    def eval_inputs(self, batch: dict, hidden_states: Optional[torch.Tensor] = None) -> dict:
+        """The model's keyword arguments in a validation pass (the training ones)."""
+        return self.model_inputs(batch, hidden_states)
+
+    def eval_report(self, out: torch.Tensor, batch: dict) -> dict:
+        """One micro-batch's numbers (``eval_keys``) from the last stage's output."""
+        return {self.loss_name: float(self.loss(out, batch))}
+
+    def eval_result(self, totals: dict, reports: float) -> tuple[float, dict]:
+        """``(loss, scores)`` from the summed reports of a validation pass: the mean of the
+        micro-batches' mean losses, no scores."""
+        return totals[self.loss_name] / max(reports, 1.0), {}
 
     def total_num_layers(self, model: ModelConfig) -> int:
         """Transformer layers of the whole model (MoE layers are numbered over these)."""
@@ -146,7 +176,51 @@ class T5Task(Task):
         return dict(decoder_seq_length=config.model.decoder_seq_length)
 
 
-TASKS: Dict[str, Task] = {task.name: task for task in (GPTTask(), RobertaTask(), T5Task())}
+class SwinTask(Task):
+    """Image classification (Swin-MoE): cross-entropy of the classes; validation reports the
+    loss and top-1 / top-5 accuracy over the whole ``val/`` folder."""
+
+    name = "swin"
+    model_class = SwinMoEModel
+    dataset_class = None   # images: megatron_lsh.training.image_data
+    loss_name = "classification loss"
+    loss_has_perplexity = False
+    eval_keys = ("loss_sum", "count", "top1", "top5")
+
+    def inputs(self, batch: dict) -> dict:
+        """Images and labels."""
+        return dict(images=batch["images"], labels=batch["labels"])
+
+    def build_data(self, config: MegatronLSHConfig, groups: ProcessGroups,
+                   global_batch_size: int, tokenizer, log):
+        """``--data-path DIR`` with ``train/`` and ``val/`` class folders."""
+        from megatron_lsh.training.image_data import ImageRunData
+        return ImageRunData(config, groups, global_batch_size, log=log)
+
+    def eval_inputs(self, batch: dict, hidden_states: Optional[torch.Tensor] = None) -> dict:
+        """Images only: the model returns the logits."""
+        return dict(images=batch["images"])
+
+    def eval_report(self, logits: torch.Tensor, batch: dict) -> dict:
+        """Summed cross-entropy (no label smoothing), sample count, top-1 / top-5 hits."""
+        mask = batch["loss_mask"].float()
+        labels = batch["labels"].long()
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top == labels.unsqueeze(-1)
+        return {"loss_sum": float((loss * mask).sum()), "count": float(mask.sum()),
+                "top1": float((hits[:, 0].float() * mask).sum()),
+                "top5": float((hits.any(-1).float() * mask).sum())}
+
+    def eval_result(self, totals: dict, reports: float) -> tuple[float, dict]:
+        """Mean loss, and top-1 / top-5 accuracy as ``valid_top1`` / ``valid_top5``."""
+        n = max(totals["count"], 1.0)
+        return totals["loss_sum"] / n, {"valid_top1": totals["top1"] / n,
+                                        "valid_top5": totals["top5"] / n}
+
+
+TASKS: Dict[str, Task] = {task.name: task
+                          for task in (GPTTask(), RobertaTask(), T5Task(), SwinTask())}
 """Every task by name."""
 
 

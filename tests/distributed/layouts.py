@@ -36,6 +36,9 @@ TINY = dict(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_head
 def tiny_config(kind: str, **overrides) -> ModelConfig:
     """A model small enough for 4 CPU processes, divisible by tp and pp up to 4."""
     extra = dict(decoder_num_layers=2, num_layers=2, decoder_seq_length=4) if kind == "t5" else {}
+    if kind == "swin":   # 16 px, 4 x 4 patches, windows of 2 (shifted in odd blocks), 2 stages
+        extra = dict(swin_depths=(2, 2), swin_num_heads=(2, 4), img_size=16, patch_dim=4,
+                     window_size=2, num_classes=5, num_channels=3)
     return ModelConfig(**{**TINY, **extra, **overrides})
 
 
@@ -49,6 +52,11 @@ def make_batches(kind: str, config: ModelConfig, seed: int = 7) -> list[dict]:
         if kind == "gpt":
             out.append(dict(input_ids=tokens[:, :-1], labels=tokens[:, 1:],
                             loss_mask=torch.ones(b, s)))
+        elif kind == "swin":
+            out.append(dict(images=torch.randn(b, config.num_channels, config.img_size,
+                                               config.img_size, generator=g),
+                            labels=torch.randint(0, config.num_classes, (b,), generator=g),
+                            loss_mask=torch.ones(b)))
         elif kind == "gpt-classifier":
             pad = torch.ones(b, s, dtype=torch.bool)
             pad[0, -3:] = False   # right padding: the last real token is read
@@ -77,6 +85,7 @@ def model_inputs(kind: str, batch: dict, hidden_states=None) -> dict:
     """Keyword arguments of the model's forward for one micro-batch."""
     keys = {"gpt": ("input_ids", "labels"),
             "gpt-classifier": ("input_ids", "padding_mask", "labels"),
+            "swin": ("images", "labels"),
             "roberta": ("input_ids", "padding_mask", "labels"),
             "t5": ("encoder_input_ids", "decoder_input_ids", "encoder_padding_mask", "labels")}
     kwargs = {k: batch[k] for k in keys[kind]}

@@ -18,6 +18,11 @@ The GLUE fine-tuning classifier (``gpt-classifier``: the GPT body with a last-to
 classification head, right-padded samples, a per-sample cross-entropy) runs under both
 compressors on the world-2 layouts, TP2xEP2 with sequence parallelism, EP=4 and TP2xPP2xEP2.
 
+Swin-MoE (``swin``: 16 px images, 2 stages of 2 blocks, windows of 2 patches shifted in the
+second block, MoE in blocks 1 and 3, a patch merging between the stages) runs under both
+compressors on DP=2 (EP=1), EP=2, EP=4 and EP2xDP2 (4 ranks, experts replicated over 2);
+tensor and pipeline parallelism are not implemented for it.
+
 The "modern" GPT jobs (``model_layouts_util.MODERN_MODEL`` / ``MODERN_MOE``: RMSNorm, RoPE,
 grouped-query attention, SwiGLU, no biases, untied output, a 0/1 MoE layer pattern,
 per-sequence load balancing, sigmoid scores, a separate expert width and a shared expert)
@@ -65,8 +70,10 @@ WORLD2_JOBS = (make_jobs(2, WORLD2_LAYOUTS)
                + make_modern_jobs(2, [(2, 1, 2)], sequence_parallel=True))
 WORLD2_JOBS += (make_jobs(2, WORLD2_LAYOUTS, kinds=("gpt-classifier",))
                 + make_jobs(2, [(2, 1, 2)], kinds=("gpt-classifier",), sequence_parallel=True))
+WORLD2_JOBS += make_jobs(2, [(1, 1, 1), (1, 1, 2)], kinds=("swin",))
 WORLD4_JOBS = (make_jobs(4, WORLD4_LAYOUTS) + make_modern_jobs(4, [(2, 2, 2), (1, 2, 2)])
-               + make_jobs(4, [(1, 1, 4), (2, 2, 2)], kinds=("gpt-classifier",)))
+               + make_jobs(4, [(1, 1, 4), (2, 2, 2)], kinds=("gpt-classifier",))
+               + make_jobs(4, [(1, 1, 4), (1, 1, 2)], kinds=("swin",)))
 
 _references: dict = {}
 
