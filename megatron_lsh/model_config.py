@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatron_lsh.settings import (_derive, check_choice, check_non_negative, check_positive,
+from megatron_lsh.settings import (ConfigError, _derive, check_choice, check_non_negative, check_positive,
                                    check_probability, parse_int_tuple, parse_moe_layer_freq, require,
                                    setting)
 
@@ -175,8 +175,11 @@ class ModelConfig:
                     f"full, got {self.recompute_granularity}")
         if self.recompute_num_layers is not None:
             check_positive(self, "recompute_num_layers")
-        self.swin_depths = parse_int_tuple(self.swin_depths)
-        self.swin_num_heads = parse_int_tuple(self.swin_num_heads)
+        for name in ("swin_depths", "swin_num_heads"):
+            try:
+                setattr(self, name, parse_int_tuple(getattr(self, name)))
+            except ValueError as error:
+                raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
         check_positive(self, "img_size", "patch_dim", "num_channels", "num_classes",
                        "window_size")
         check_probability(self, "label_smoothing")

@@ -1,8 +1,10 @@
-"""GPT-MoE, RoBERTa-MoE and T5-MoE built from parallel layers; recipes of the paper's sizes.
+"""GPT-MoE, RoBERTa-MoE, T5-MoE and Swin-MoE built from parallel layers; recipes of the
+paper's sizes.
 
 - ``base``: :class:`StageModel`, what every model class declares (layer counts, tokens per
   sample, synthetic batches); ``registry``: ``MODEL_CLASSES`` (kind -> class), ``model_class``;
-- ``gpt`` / ``roberta`` / ``t5``: the model classes; ``transformer``, ``embedding``: their parts;
+- ``gpt`` / ``roberta`` / ``t5``: the language models; ``transformer``, ``embedding``: their
+  parts; ``classification``: GPT-MoE with a GLUE classification head; ``swin``: Swin-MoE;
 - ``recipes``: named configurations, ``build_model(kind, ...)``, ``count_parameters``;
 - ``synthetic``: ``synthetic_batch(kind, ...)`` for benchmarks and tests.
 

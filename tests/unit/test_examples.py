@@ -20,6 +20,7 @@ ARGS = {"pretrain_gpt_moe_local_cpu.sh": ["d", "vocab.json", "merges.txt"],
         "pretrain_gpt_moe_slurm.sbatch": ["d", "vocab.json", "merges.txt"],
         "pretrain_roberta_moe_v100_2x8.sh": ["d", "spm.model"],
         "pretrain_t5_moe_a100_4x8.sh": ["d", "spm.model"],
+        "pretrain_swin_moe_a100_4x8.sh": ["imagenet"],
         "quickstart.sh": []}
 ENV = {"NODE_RANK": "0", "MASTER_ADDR": "node0", "SLURM_NNODES": "2"}
 
