@@ -51,6 +51,38 @@ def test_sigterm_saves_at_end_of_iteration_and_exits_zero(tmp_path, corpus):
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == str(last)
 
 
+def test_sigterm_to_the_launch_wrapper_saves_and_the_job_exits_zero(tmp_path, corpus):
+    """SIGTERM to the whole process group of ``python -m megatron_lsh.launch`` (what a
+    scheduler sends): the workers save at the end of their iteration, torchrun and the
+    wrapper exit 0 (plain torchrun exits 1 here)."""
+    metrics, ckpt = str(tmp_path / "m.jsonl"), str(tmp_path / "ckpt")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=100000) + [
+        "--metrics-jsonl", metrics, "--save", ckpt, "--exit-signal-handler",
+        "--expert-model-parallel-size", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_lsh.launch", "--standalone",
+                             "--nproc-per-node=2", str(REPO / "pretrain_gpt_moe.py"), *args],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if os.path.exists(metrics) and len(read_metrics(metrics)) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run did not reach iteration 3")
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert "asking the 2 workers to save and exit" in out
+    assert "because of a termination signal" in out
+    last = read_metrics(metrics)[-1]["iteration"]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == str(last)
+
+
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus):
     ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl")
     args = tiny_run_args("gpt", corpus, str(tmp_path), iters=12) + [

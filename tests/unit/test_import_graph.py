@@ -40,6 +40,7 @@ LAYERS: Dict[str, int] = {
     "compat": 4,
     "convert": 5,
     "finetune": 6,
+    "launch": 0,
 }
 """The layer of each component (a top-level module or subpackage of ``megatron_lsh``).
 
@@ -51,7 +52,7 @@ command line, which fills the config for the training entry points) with ``compa
 Megatron-LM flags the command line accepts or refuses without a setting) < ``convert``
 (checkpoints used outside training: whole-model loading, Hugging Face export, generation)
 < ``finetune`` (GLUE fine-tuning: the trainer with epochs and scoring, a pretrained body
-loaded through ``convert``).
+loaded through ``convert``). ``launch`` (the torchrun wrapper) imports nothing of the package.
 """
 
 SIDE_COMPONENTS: Dict[str, Set[str]] = {
