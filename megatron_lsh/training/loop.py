@@ -276,9 +276,14 @@ class Trainer:
         with phase("loss all-reduce", step):
             loss = self._reduce_loss(reports)
         if not math.isfinite(loss) and result.stepped:
-            raise TrainingError(f"the {self.task.loss_name} is {loss} at iteration "
-                                f"{self.iteration} (rank {self.rank}): stopping (use --fp16 loss "
-                                f"scaling to skip such steps, or lower the learning rate)")
+            ranks = self._nonfinite_ranks(reports)
+            where = (f"not finite on rank{'s' if len(ranks) > 1 else ''} "
+                     f"{', '.join(map(str, ranks))}" if ranks else "finite on every rank")
+            error = TrainingError(f"the {self.task.loss_name} is {loss} at iteration "
+                                  f"{self.iteration} ({where}): stopping (use --fp16 loss "
+                                  f"scaling to skip such steps, or lower the learning rate)")
+            error.all_ranks = True   # every rank stops here with the same sentence
+            raise error
         elapsed = time.perf_counter() - start
         tokens = self.global_batch_size * self.task.tokens_per_sample(self.config.model)
         metrics = {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
@@ -298,6 +303,14 @@ class Trainer:
         total = sum(float(r[self.task.loss_name]) for r in reports) if counts else 0.0
         s, n = _world_sum([total, len(reports) if counts else 0.0], self.device)
         return s / max(n, 1.0)
+
+    def _nonfinite_ranks(self, reports: list) -> list:
+        """Global ranks whose own micro-batch losses were not finite (collective)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        flags = [0.0] * world
+        if any(not math.isfinite(float(r[self.task.loss_name])) for r in reports):
+            flags[self.rank] = 1.0
+        return [r for r, flag in enumerate(_world_sum(flags, self.device)) if flag]
 
     def _reduce_moe(self, acc: torch.Tensor) -> list:
         """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss, and

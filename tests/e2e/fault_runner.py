@@ -2,6 +2,7 @@
 
 FAULT=kill_during_save:N  SIGKILL this process while it writes the checkpoint of iteration N.
 FAULT=nan_loss:N          the lm loss becomes NaN from iteration N on.
+FAULT=nan_rank1:N         on rank 1 only, the loss of the N-th micro-batch (from 1) is NaN.
 FAULT=stop_rank1:N        rank 1 stops itself (SIGSTOP) as iteration N begins: a hung rank.
 FAULT=kill_rank1_once:N   in the first attempt of an elastic run (TORCHELASTIC_RESTART_COUNT 0)
                           rank 1 SIGKILLs itself as iteration N begins.
@@ -38,6 +39,17 @@ def _install(fault: str) -> None:
             calls["n"] += 1
             value = original_loss(per_token_loss, batch)
             return value * float("nan") if calls["n"] >= at else value
+        tasks.Task.loss = staticmethod(loss)
+    elif name == "nan_rank1":
+        original_loss = tasks.Task.loss
+        calls = {"n": 0}
+
+        def loss(per_token_loss, batch):
+            value = original_loss(per_token_loss, batch)
+            if os.environ.get("RANK") != "1" or not per_token_loss.requires_grad:
+                return value
+            calls["n"] += 1
+            return value * float("nan") if calls["n"] == at else value
         tasks.Task.loss = staticmethod(loss)
     elif name in ("stop_rank1", "kill_rank1_once"):
         from megatron_lsh.training.loop import Trainer

@@ -101,7 +101,40 @@ def test_nan_loss_stops_with_iteration_and_rank(tmp_path, corpus):
     args = tiny_run_args("gpt", corpus, str(tmp_path), iters=10) + ["--eval-iters", "0"]
     proc = _fault_run("nan_loss:9", args)  # 4 micro-batches per step: call 9 is in iteration 3
     assert proc.returncode == 1
-    assert "error: the lm loss is nan at iteration 3 (rank 0)" in proc.stderr
+    assert "error: the lm loss is nan at iteration 3 (not finite on rank 0)" in proc.stderr
+
+
+def _fault_torchrun(fault, args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests/e2e/fault_runner.py"), "gpt", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(FAULT=fault), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_nan_on_one_rank_stops_naming_that_rank_once_in_bf16(tmp_path, corpus):
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=8) + [
+        "--eval-iters", "0", "--bf16", "--expert-model-parallel-size", "2"]
+    proc = _fault_torchrun("nan_rank1:5", args)   # 2 micro-batches per rank: iteration 3
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["error: the lm loss is nan at iteration 3 (not finite on rank 1): stopping "
+                      "(use --fp16 loss scaling to skip such steps, or lower the learning "
+                      "rate)"], proc.stderr[-3000:]
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank_in_fp16(tmp_path, corpus):
+    metrics = str(tmp_path / "m.jsonl")
+    args = tiny_run_args("gpt", corpus, str(tmp_path), iters=8) + [
+        "--eval-iters", "0", "--fp16", "--initial-loss-scale", "128",
+        "--expert-model-parallel-size", "2",
+        "--metrics-jsonl", metrics, "--log-interval", "1"]
+    proc = _fault_torchrun("nan_rank1:5", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(metrics)
+    assert [r["iteration"] for r in rows if r["skipped"]] == [3]
+    assert rows[-1]["iteration"] == 8
+    assert all(r["lm_loss"] is not None and r["lm_loss"] == r["lm_loss"]
+               for r in rows if not r["skipped"])
 
 
 def test_missing_load_directory_starts_from_scratch(tmp_path, corpus):
