@@ -113,6 +113,10 @@ class ModelConfig:
     label_smoothing: float = setting(0.0, "--label-smoothing",
                                      "Image classification: label smoothing of the "
                                      "cross-entropy.")
+    mixup_alpha: float = setting(0.0, "--mixup-alpha",
+                                 "Image classification: mixup in training, each micro-batch "
+                                 "mixed with a permutation of itself at a Beta(alpha, alpha) "
+                                 "weight; 0 turns it off.")
 
     @property
     def uses_learned_positions(self) -> bool:
@@ -183,6 +187,7 @@ class ModelConfig:
         check_positive(self, "img_size", "patch_dim", "num_channels", "num_classes",
                        "window_size")
         check_probability(self, "label_smoothing")
+        check_non_negative(self, "mixup_alpha")
 
 
 @dataclass

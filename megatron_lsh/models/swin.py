@@ -11,7 +11,8 @@ linear layer. Blocks are pre-norm: ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
 The MLP of a block is dense or a :class:`~megatron_lsh.moe.MoELayer` (experts split over the
 expert-parallel ranks, every all-to-all compressor), decided by ``--moe-layer-freq`` over the
 blocks numbered 1..sum(depths) across stages; the recipes put MoE in every other block of
-the last two stages, as Swin-MoE does. Layout support: data and expert parallelism (EP, DP,
+the last two stages, as Swin-MoE does. ``--label-smoothing`` and ``--mixup-alpha`` shape the training loss.
+Layout support: data and expert parallelism (EP, DP,
 EP x DP); tensor and pipeline parallelism are not implemented for this model and are refused.
 
 Tensors are batch-first here (``[b, L, C]`` tokens, ``[b, H, W, C]`` maps): the windows are
@@ -295,7 +296,20 @@ class SwinMoEModel(StageModel):
                 init_method_normal(config.init_method_std)(self.head.weight)
                 nn.init.zeros_(self.head.bias)
 
+    def mixup(self, images: torch.Tensor, labels: torch.Tensor):
+        """``(mixed images, labels, permuted labels, weight)``: each image blended with the
+        one a random permutation pairs it with, at a Beta(alpha, alpha) weight (mixup, Zhang
+        et al. 2018); drawn from the global generator, so a resumed run repeats them."""
+        alpha = self.config.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(images.shape[0], device=images.device)
+        return lam * images + (1.0 - lam) * images[perm], labels, labels[perm], lam
+
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        mixed = None
+        if labels is not None and self.training and self.config.mixup_alpha > 0:
+            images, labels, partner, lam = self.mixup(images, labels)
+            mixed = (partner, lam)
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype))
         x = self.patch_norm(x.flatten(2).transpose(1, 2))   # [b, L, C]
         aux = x.new_zeros(())
@@ -308,7 +322,15 @@ class SwinMoEModel(StageModel):
         logits = self.head(self.norm(x).mean(dim=1)).float()
         if labels is None:
             return logits, aux
+        loss = self._loss(logits, labels)
+        if mixed is not None:
+            partner, lam = mixed
+            loss = lam * loss + (1.0 - lam) * self._loss(logits, partner)
+        return loss, aux
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy, with ``--label-smoothing``."""
         if self.config.label_smoothing:
             return F.cross_entropy(logits, labels.long(), reduction="none",
-                                   label_smoothing=self.config.label_smoothing), aux
-        return classification_loss(logits, labels, regression=False), aux
+                                   label_smoothing=self.config.label_smoothing)
+        return classification_loss(logits, labels, regression=False)

@@ -132,3 +132,25 @@ def test_random_resized_crop_stays_inside_and_honours_the_scale():
         left, top, w, h = random_resized_crop_box(40, 30, rng, (0.5, 1.0))
         assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 30
         assert w * h >= 0.4 * 1200
+
+
+def test_mixup_blends_images_and_losses_at_the_drawn_weight():
+    config = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=2, swin_depths=(2, 2),
+                         swin_num_heads=(2, 4), img_size=16, patch_dim=4, window_size=2,
+                         num_classes=5, hidden_dropout=0.0, attention_dropout=0.0,
+                         mixup_alpha=0.4)
+    model = SwinMoEModel(config, MoEConfig(), ProcessGroups.single(), seed=1)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(5)
+    loss, _ = model(images, labels)
+    torch.manual_seed(5)
+    mixed, _, partner, lam = model.mixup(images, labels)
+    assert 0.0 < lam < 1.0 and not torch.equal(partner, labels)
+    model.eval()   # the same weights without drawing again
+    logits, _ = model(mixed)
+    expected = (lam * torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                + (1 - lam) * torch.nn.functional.cross_entropy(logits, partner, reduction="none"))
+    torch.testing.assert_close(loss, expected)
+    eval_loss, _ = model(images, labels)   # no mixup outside training
+    torch.testing.assert_close(eval_loss, torch.nn.functional.cross_entropy(
+        model(images)[0], labels, reduction="none"))
