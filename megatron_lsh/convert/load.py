@@ -22,20 +22,6 @@ from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.training.checkpoint_files import CheckpointError, iteration_dir, read_latest
 
 
-@dataclass
-class LoadedModel:
-    """A checkpoint's model in one process, with what describes it."""
-
-    model: torch.nn.Module
-    kind: str
-    model_config: ModelConfig
-    moe_config: MoEConfig
-    run_config: dict
-    """The whole run's config as saved (a plain dict: data, tokenizer flags, ...)."""
-    iteration: int
-    folder: str
-
-
 def _known(cls, values: dict) -> dict:
     """The entries of ``values`` that are fields of ``cls`` (configs of other versions)."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -111,6 +97,15 @@ def open_checkpoint(load_dir: str, step: Optional[int] = None) -> CheckpointSour
     return CheckpointSource(source, kind, model_config, moe_config, config, iteration, folder)
 
 
+@dataclass
+class LoadedModel(CheckpointSource):
+    """A checkpoint's model in one process, with what describes it (the checkpoint's
+    :class:`CheckpointSource` fields: ``kind``, ``model_config``, ``moe_config``,
+    ``run_config``, ``iteration``, ``folder``)."""
+
+    model: torch.nn.Module = None
+
+
 def without_compressor_state(name: str) -> bool:
     """True for a compressor's tensors (LSH rotations): a model built with another
     compressor neither needs nor has them."""
@@ -129,8 +124,8 @@ def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
                         seed=ckpt.run_config.get("training", {}).get("seed", 1234))
     Resharder(ckpt.source, groups).load_model(model, ignore=without_compressor_state)
     model.eval()
-    return LoadedModel(model, ckpt.kind, ckpt.model_config, ckpt.moe_config, ckpt.run_config,
-                       ckpt.iteration, ckpt.folder)
+    return LoadedModel(**{f.name: getattr(ckpt, f.name)
+                          for f in dataclasses.fields(CheckpointSource)}, model=model)
 
 
 @contextlib.contextmanager

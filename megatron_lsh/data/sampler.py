@@ -147,3 +147,13 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
                                        persistent_workers=num_workers > 0)
+
+
+def iterate_keeping_rng(loader) -> Iterator:
+    """``iter(loader)`` without moving the global torch generator: starting a DataLoader
+    iterator draws a base seed from it, and that draw would shift the dropout stream of a
+    resumed run against an uninterrupted one."""
+    state = torch.random.get_rng_state()
+    iterator = iter(loader)
+    torch.random.set_rng_state(state)
+    return iterator

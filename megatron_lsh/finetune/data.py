@@ -21,6 +21,7 @@ from typing import Callable, Iterator, List, Optional
 import torch
 
 from megatron_lsh.config import ConfigError
+from megatron_lsh.data.sampler import iterate_keeping_rng
 from megatron_lsh.glue.data import Example, GlueTask
 
 
@@ -134,17 +135,9 @@ class GlueData:
                                              self.dp_rank, self.dp_size,
                                              num_workers=self.num_workers, **kwargs)
 
-    @staticmethod
-    def _iterate(loader) -> Iterator:
-        # As RunData: starting a DataLoader iterator draws from the global generator.
-        state = torch.random.get_rng_state()
-        iterator = iter(loader)
-        torch.random.set_rng_state(state)
-        return iterator
-
     def train_iterator(self, consumed_samples: int) -> Iterator:
         """This DP rank's training micro-batches from ``consumed_samples`` on (all epochs)."""
-        return self._iterate(self._loader(
+        return iterate_keeping_rng(self._loader(
             SplitDataset(self.train), consumed_samples, dataloader_type="cyclic",
             seed=self.seed, samples_per_epoch=self.steps_per_epoch * self.global_batch_size))
 
@@ -152,7 +145,7 @@ class GlueData:
         """``(global batches, iterator)`` over all of ``split`` for this DP rank."""
         length = _rounded_up(len(split), self.global_batch_size)
         loader = self._loader(SplitDataset(split, length), 0)
-        return length // self.global_batch_size, self._iterate(loader)
+        return length // self.global_batch_size, iterate_keeping_rng(loader)
 
 
 def read_task_splits(task: GlueTask, data_dir: str, tokenizer, seq_length: int,

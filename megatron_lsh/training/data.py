@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-import torch
-
 from megatron_lsh.config import ConfigError, MegatronLSHConfig
+from megatron_lsh.data.sampler import iterate_keeping_rng
 from megatron_lsh.parallel.dims import ProcessGroups
 
 
@@ -129,22 +128,13 @@ class RunData:
             dataset, consumed_samples, self.config.training.micro_batch_size,
             self.groups.dp_rank, self.groups.dp_size, num_workers=self.config.data.num_workers)
 
-    @staticmethod
-    def _iterate(loader) -> Iterator:
-        # Starting a DataLoader iterator draws a base seed from the global torch generator;
-        # that draw would shift the dropout stream of a resumed run against a straight one.
-        state = torch.random.get_rng_state()
-        iterator = iter(loader)
-        torch.random.set_rng_state(state)
-        return iterator
-
     def train_iterator(self, consumed_samples: int) -> Iterator:
         """Micro-batches of this DP rank from ``consumed_samples`` on."""
-        return self._iterate(self._loader(self.train, consumed_samples))
+        return iterate_keeping_rng(self._loader(self.train, consumed_samples))
 
     def valid_iterator(self) -> Optional[Iterator]:
         """Micro-batches of the fixed validation set (from its start every time)."""
-        return self._iterate(self._loader(self.valid, 0)) if self.has_valid else None
+        return iterate_keeping_rng(self._loader(self.valid, 0)) if self.has_valid else None
 
 
 def build_data(config: MegatronLSHConfig, task, groups: ProcessGroups,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator, Optional
 
-import torch
-
 from megatron_lsh.config import ConfigError, MegatronLSHConfig
+from megatron_lsh.data.sampler import iterate_keeping_rng
 from megatron_lsh.parallel.dims import ProcessGroups
 
 
@@ -59,17 +58,10 @@ class ImageRunData:
             dataset, consumed, self.config.training.micro_batch_size, self.groups.dp_rank,
             self.groups.dp_size, num_workers=self.config.data.num_workers)
 
-    @staticmethod
-    def _iterate(loader) -> Iterator:
-        state = torch.random.get_rng_state()   # as RunData: keep the global stream
-        iterator = iter(loader)
-        torch.random.set_rng_state(state)
-        return iterator
-
     def train_iterator(self, consumed_samples: int) -> Iterator:
         """This DP rank's training micro-batches from ``consumed_samples`` on."""
-        return self._iterate(self._loader(self.train, consumed_samples))
+        return iterate_keeping_rng(self._loader(self.train, consumed_samples))
 
     def valid_iterator(self) -> Optional[Iterator]:
         """The whole validation folder, from its start."""
-        return self._iterate(self._loader(self.valid, 0))
+        return iterate_keeping_rng(self._loader(self.valid, 0))

@@ -19,7 +19,6 @@ name, datasets, layer counts, tokens per sample) comes from the run's
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from typing import Callable, Iterator, Optional

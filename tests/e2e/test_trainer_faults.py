@@ -25,6 +25,16 @@ def _fault_run(fault, args, timeout=180):
                           timeout=timeout)
 
 
+def _wait_for_iterations(metrics: str, n: int, timeout: float) -> None:
+    """Wait until the run's metrics JSONL holds ``n`` iterations (fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(metrics) and len(read_metrics(metrics)) >= n:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the run did not reach iteration {n}")
+
+
 def test_sigterm_saves_at_end_of_iteration_and_exits_zero(tmp_path, corpus):
     metrics, ckpt = str(tmp_path / "m.jsonl"), str(tmp_path / "ckpt")
     args = tiny_run_args("gpt", corpus, str(tmp_path), iters=100000) + [
@@ -33,13 +43,7 @@ def test_sigterm_saves_at_end_of_iteration_and_exits_zero(tmp_path, corpus):
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if os.path.exists(metrics) and len(read_metrics(metrics)) >= 3:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the run did not reach iteration 3")
+        _wait_for_iterations(metrics, 3, timeout=120)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -64,13 +68,7 @@ def test_sigterm_to_the_launch_wrapper_saves_and_the_job_exits_zero(tmp_path, co
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if os.path.exists(metrics) and len(read_metrics(metrics)) >= 3:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the run did not reach iteration 3")
+        _wait_for_iterations(metrics, 3, timeout=180)
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
