@@ -38,36 +38,17 @@ from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embeddin
 from megatron_lsh.training import checkpointing
 from megatron_lsh.training.data import build_run_tokenizer
 from megatron_lsh.training.logger import TrainingLogger, format_arguments
+from megatron_lsh.training.moe_stats import StepMoEStats, world_sum
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
 from megatron_lsh.training.tasks import Task, get_task
 from megatron_lsh.training.watchdog import (CollectiveWatchdog, is_collective_failure,
                                             launched_with_parent_death_signal)
 
-MOE_STAT_FIELDS = ("rows", "sent_rows", "bytes_fwd", "bytes_bwd", "aux_loss", "present",
-                   "mean_cosine", "residual_energy", "lossy")
-"""Summed per MoE layer over micro-batches and ranks; the last three: the distortion of what
-a lossy compressor sent (its ``mean_cosine`` / ``residual_energy`` statistics) and how many
-forwards reported them."""
-STEP_TIMERS = ("forward_backward", "grad_sync", "optimizer", "moe_a2a", "moe_experts",
-               "moe_compression")
-"""Per-iteration stage timers (``--timing-log-level`` >= 1), ms, mean over ranks:
-forward-backward of all micro-batches; the wait for the gradient all-reduce after it (the part
-not hidden behind the backward) plus the tied-embedding all-reduce; the optimizer step (incl.
-the grad-norm all-reduce); and, inside forward-backward, the MoE all-to-alls (forward and
-backward, split-size exchange included), the local experts, and the compressor's own work
-(hash, cluster, restore; forward and backward)."""
-
-
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a NaN loss without loss scaling)."""
 
 
-def _world_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _resident_memory() -> str:
@@ -132,7 +113,6 @@ class Trainer:
         self.timing = cfg.logging.timing_log_level > 0
         for _, layer in self.moe_layers:
             layer.mlp.timing = self.timing
-        self._timed_stats: list = []
         self.ddp = DistributedDataParallel(model, self.groups,
                                            bucket_size_mb=par.grad_bucket_size_mb,
                                            use_distributed_optimizer=par.use_distributed_optimizer)
@@ -199,46 +179,20 @@ class Trainer:
                 and m.is_moe]
 
     # -- 2. one training step -------------------------------------------------------------------
-    def _forward_step_fn(self, batches: list, moe_acc: Optional[torch.Tensor]):
+    def _forward_step_fn(self, batches: list, moe_stats: Optional[StepMoEStats]):
         model, task, groups = self.model, self.task, self.groups
 
         def forward_step(mb: int, inputs):
             batch = batches[mb]
             hidden = inputs[0] if inputs else None
             out, aux = model(**task.model_inputs(batch, hidden))
-            if moe_acc is not None:
-                self._accumulate_moe(moe_acc)
+            if moe_stats is not None:
+                moe_stats.accumulate()
             if not groups.is_last_stage:
                 return StageOutput(outputs=[out], loss=aux)
             loss = task.loss(out, batch)
             return StageOutput(loss=loss + aux, report={task.loss_name: loss.detach()})
         return forward_step
-
-    def _accumulate_moe(self, acc: torch.Tensor) -> None:
-        for index, layer in self.moe_layers:
-            s = layer.mlp.last_stats
-            if s is None:
-                continue
-            lossy = "residual_energy" in s.extra
-            acc[index] += torch.tensor([s.rows, s.sent_rows, s.bytes_fwd, s.bytes_bwd,
-                                        float(layer.last_aux_loss), 1.0,
-                                        s.mean_cosine if lossy else 0.0,
-                                        float(s.extra["residual_energy"]) if lossy else 0.0,
-                                        float(lossy)], dtype=torch.float64)
-            if self.timing:
-                self._timed_stats.append(s)  # its backward times arrive later
-
-    def _step_timers(self, laps: dict) -> dict:
-        """The step's stage times (``STEP_TIMERS``, ms), averaged over all ranks."""
-        moe = {"moe_a2a": 0.0, "moe_experts": 0.0, "moe_compression": 0.0}
-        for s in self._timed_stats:
-            moe["moe_a2a"] += s.ms.get("a2a", 0.0) + s.ms.get("a2a_bwd", 0.0)
-            moe["moe_experts"] += s.ms.get("experts", 0.0) + s.ms.get("experts_bwd", 0.0)
-            moe["moe_compression"] += s.overhead_ms
-        self._timed_stats = []
-        values = [laps.get(k, moe.get(k, 0.0)) for k in STEP_TIMERS]
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return dict(zip(STEP_TIMERS, (v / world for v in _world_sum(values, self.device))))
 
     def _next_batches(self, iterator: Iterator) -> list:
         return [{k: v.to(self.device) for k, v in next(iterator).items()}
@@ -250,12 +204,12 @@ class Trainer:
         for _, layer in self.moe_layers:
             layer.mlp.set_iteration(self.iteration)
         self.optimizer.zero_grad()
-        moe_acc = torch.zeros(self.num_moe_layers, len(MOE_STAT_FIELDS), dtype=torch.float64)
+        moe_stats = StepMoEStats(self.moe_layers, self.num_moe_layers, self.timing)
         batches = self._next_batches(iterator)
         t0 = time.perf_counter()
         step, phase = self.iteration + 1, self.watchdog.phase
         with phase("forward-backward (MoE all-to-all, pipeline send/receive)", step):
-            reports = forward_backward(self._forward_step_fn(batches, moe_acc),
+            reports = forward_backward(self._forward_step_fn(batches, moe_stats),
                                        self.num_microbatches, self.groups, self.p2p,
                                        no_sync=self.ddp.no_sync,
                                        loss_scale=self.optimizer.get_loss_scale,
@@ -289,18 +243,18 @@ class Trainer:
                    "losses": {self.task.loss_name: loss}, "lr": self.scheduler.get_lr(),
                    "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
                    "skipped": not result.stepped, "ms_per_iter": elapsed * 1e3,
-                   "tokens_per_s": tokens / elapsed, "moe": self._reduce_moe(moe_acc)}
+                   "tokens_per_s": tokens / elapsed, "moe": moe_stats.reduce(self.device)}
         if self.timing:
-            metrics["timers"] = self._step_timers(
+            metrics["timers"] = moe_stats.timers(
                 {"forward_backward": 1e3 * (t1 - t0), "grad_sync": 1e3 * (t2 - t1),
-                 "optimizer": 1e3 * (t3 - t2)})
+                 "optimizer": 1e3 * (t3 - t2)}, self.device)
         return metrics
 
     def _reduce_loss(self, reports: list) -> float:
         """Mean task loss over every micro-batch of every DP replica (same on every rank)."""
         counts = self.groups.is_last_stage and self.groups.tp_rank == 0
         total = sum(float(r[self.task.loss_name]) for r in reports) if counts else 0.0
-        s, n = _world_sum([total, len(reports) if counts else 0.0], self.device)
+        s, n = world_sum([total, len(reports) if counts else 0.0], self.device)
         return s / max(n, 1.0)
 
     def _nonfinite_ranks(self, reports: list) -> list:
@@ -309,25 +263,7 @@ class Trainer:
         flags = [0.0] * world
         if any(not math.isfinite(float(r[self.task.loss_name])) for r in reports):
             flags[self.rank] = 1.0
-        return [r for r, flag in enumerate(_world_sum(flags, self.device)) if flag]
-
-    def _reduce_moe(self, acc: torch.Tensor) -> list:
-        """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss, and
-        (lossy compressors) the mean cosine and residual energy of rows to what was sent."""
-        if self.num_moe_layers == 0:
-            return []
-        if dist.is_initialized():
-            acc = acc.to(self.device)
-            dist.all_reduce(acc)
-        out = []
-        for rows, sent, bfwd, bbwd, aux, present, cos, energy, lossy in acc.cpu().tolist():
-            layer = {"compression_rate": sent / rows if rows else 1.0,
-                     "bytes_fwd": int(bfwd), "bytes_bwd": int(bbwd),
-                     "aux_loss": aux / present if present else 0.0}
-            if lossy:
-                layer.update(mean_cosine=cos / lossy, residual_energy=energy / lossy)
-            out.append(layer)
-        return out
+        return [r for r, flag in enumerate(world_sum(flags, self.device)) if flag]
 
     # -- 3. evaluation --------------------------------------------------------------------------
     def _eval_step_fn(self, batches: list):
@@ -367,7 +303,7 @@ class Trainer:
                     totals = [t + float(report[k]) for t, k in zip(totals, keys)]
                 count += len(reports)
         self.model.train()
-        summed = _world_sum(totals + [float(count if counts else 0)], self.device)
+        summed = world_sum(totals + [float(count if counts else 0)], self.device)
         return self.task.eval_result(dict(zip(keys, summed[:-1])), summed[-1])
 
     def evaluate(self) -> Optional[float]:
