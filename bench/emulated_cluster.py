@@ -11,8 +11,9 @@ Why: the paper's claim (LSH-MoE, Fig. 3 and Table 2) is that the expert all-to-a
 single machine has no slow link; this builds one and measures with the real trainer's stage
 timers (``--timing-log-level 1``).
 
-Model (``MODELS['gpt']``: the ``tiny-gpt-moe`` recipe with explicit shape flags), chosen so
-the *structure* of the traffic is the paper's:
+Models: ``--model swin`` runs Swin-MoE on the digits of ``tools/make_image_data.py`` (MoE in
+every block, see ``MODELS['swin']``). The default (``MODELS['gpt']``: the ``tiny-gpt-moe``
+recipe with explicit shape flags) is chosen so the *structure* of the traffic is the paper's:
 
 * expert parameters dominate: all 4 layers are MoE layers (``--moe-layer-freq 1``), each with
   8 experts of 64 x 512 (ffn 8 x hidden; T5-MoE has 16 x): 2.1 M parameters in experts
@@ -85,6 +86,14 @@ MODELS: Dict[str, dict] = {
         "--max-position-embeddings", "512", "--num-experts", "{experts}", "--moe-layer-freq", "1",
         "--moe-router-topk", "2", "--micro-batch-size", "4",
         "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]},
+    # Swin-MoE on 32 px digits (tools/make_image_data.py), MoE in every block so the expert
+    # all-to-all carries the traffic, as on Swin-MoE-L (~70% of its step, the paper says):
+    # 4 blocks of 256 / 64 tokens per image, 64 images per rank, 8 experts of 4x width.
+    "swin": {"script": "pretrain_swin_moe.py", "flags": [
+        "--model-recipe", "tiny-swin-moe", "--patch-dim", "2", "--window-size", "4",
+        "--hidden-size", "64", "--swin-num-heads", "2,4", "--num-experts", "{experts}",
+        "--moe-layer-freq", "1", "--micro-batch-size", "64", "--crop-min-scale", "0.6",
+        "--no-hflip"], "images": True},
 }
 DEFAULT_BANDWIDTHS = [1000.0, 250.0, 50.0]
 QUICK_BANDWIDTH = 100.0
@@ -138,13 +147,16 @@ def trainer_argv(args: argparse.Namespace, model: str, flags: List[str], metrics
     """The trainer's flags for one run (model shape, data, schedule, compressor, timers)."""
     data, tok = Path(args.data_dir), Path(args.tokenizer_dir)
     shape = [f.format(experts=2 * args.nproc) for f in MODELS[model]["flags"]]
+    if MODELS[model].get("images"):
+        inputs = ["--data-path", str(args.image_dir)]
+    else:
+        inputs = ["--train-data-path", str(data / "train_text_document"),
+                  "--valid-data-path", str(data / "valid_text_document"),
+                  "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tok / "vocab.json"),
+                  "--merge-file", str(tok / "merges.txt"),
+                  "--data-cache-path", str(Path(args.out) / "index-cache")]
     return [str(Path(args.code_dir) / MODELS[model]["script"]), *shape, *shlex.split(args.model_flags),
-            "--expert-model-parallel-size", str(args.nproc),
-            "--train-data-path", str(data / "train_text_document"),
-            "--valid-data-path", str(data / "valid_text_document"),
-            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tok / "vocab.json"),
-            "--merge-file", str(tok / "merges.txt"),
-            "--data-cache-path", str(Path(args.out) / "index-cache"),
+            "--expert-model-parallel-size", str(args.nproc), *inputs,
             "--train-iters", str(args.warmup + args.iters), "--lr", "1e-3",
             "--lr-warmup-iters", str(min(2, args.warmup + args.iters - 1)),
             "--eval-interval", "1000000", "--eval-iters", "0", "--log-interval", "1000000",
@@ -305,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=str(REPO / "bench/out/emulated_cluster"))
     p.add_argument("--data-dir", default=str(REPO / "data/shakespeare"))
     p.add_argument("--tokenizer-dir", default=str(REPO / "data/tokenizer"))
+    p.add_argument("--image-dir", default=str(REPO / "data/digits"),
+                   help="--model swin: tools/make_image_data.py's output")
     p.add_argument("--code-dir", default=str(REPO),
                    help="checkout whose trainer runs (e.g. a snapshot while the library is being edited)")
     p.add_argument("--queue-ms", type=float, default=200.0,
@@ -321,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.iters, args.warmup, args.repeats = min(args.iters, 6), min(args.warmup, 2), 1
     args.bandwidth = args.bandwidth or DEFAULT_BANDWIDTHS
     args.run_timeout = args.run_timeout or 120.0 + 30.0 * (args.iters + args.warmup)
-    for key in ("out", "data_dir", "tokenizer_dir", "code_dir"):  # the trainer runs in code_dir
+    for key in ("out", "data_dir", "tokenizer_dir", "code_dir", "image_dir"):  # runs in code_dir
         setattr(args, key, os.path.abspath(getattr(args, key)))
     if args.nproc % args.nodes:
         raise SystemExit(f"error: --nproc {args.nproc} is not a multiple of --nodes {args.nodes}")
@@ -333,7 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_data(Path(args.data_dir), Path(args.tokenizer_dir))
+    if MODELS[args.model].get("images"):
+        if not (Path(args.image_dir) / "train").is_dir():
+            raise SystemExit(f"error: {args.image_dir}/train is missing: run python "
+                             f"tools/make_image_data.py --output-dir {args.image_dir}")
+    else:
+        ensure_data(Path(args.data_dir), Path(args.tokenizer_dir))
     samples: Dict[tuple, List[dict]] = {}
     links: Dict[tuple, List[dict]] = {}
     start, port = time.monotonic(), 29400 + os.getpid() % 1000
