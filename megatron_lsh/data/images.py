@@ -30,6 +30,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _pil():
+    """Pillow's ``Image`` module, or DataError saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading images needs Pillow: pip install pillow (the package's "
+                        "[vision] extra)") from None
+    return Image
+
+
 class ImageFolder:
     """The (path, class index) pairs of one split folder, with the class names."""
 
@@ -57,12 +67,12 @@ class ImageFolder:
 
     def load(self, index: int, channels: int):
         """The image at ``index`` as a PIL image with ``channels`` (1: grey, 3: RGB)."""
-        from PIL import Image, UnidentifiedImageError
+        Image = _pil()
         path = self.samples[index][0]
         try:
             with Image.open(path) as image:
                 return image.convert("L" if channels == 1 else "RGB")
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, Image.UnidentifiedImageError) as error:
             raise DataError(f"cannot read image {path}: {error}") from None
 
 
@@ -101,7 +111,7 @@ def train_transform(image, size: int, channels: int, rng: random.Random,
                     min_scale: float = 0.08, hflip: bool = True) -> torch.Tensor:
     """Random resized crop (``min_scale``..100% of the area) to ``size``, random horizontal
     flip (unless not ``hflip``), normalisation."""
-    from PIL import Image
+    Image = _pil()
     left, top, w, h = random_resized_crop_box(image.width, image.height, rng, (min_scale, 1.0))
     image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
     flip = rng.random() < 0.5   # drawn either way: the stream does not depend on hflip
@@ -112,7 +122,7 @@ def train_transform(image, size: int, channels: int, rng: random.Random,
 
 def eval_transform(image, size: int, channels: int) -> torch.Tensor:
     """Shorter side to ``size / 0.875``, centre crop ``size``, normalisation."""
-    from PIL import Image
+    Image = _pil()
     short = int(size / 0.875)
     scale = short / min(image.width, image.height)
     image = image.resize((max(size, round(image.width * scale)),
