@@ -38,17 +38,16 @@ from megatron_lsh.parallel.pipeline import (StageOutput, allreduce_tied_embeddin
 from megatron_lsh.training import checkpointing
 from megatron_lsh.training.data import build_run_tokenizer
 from megatron_lsh.training.logger import TrainingLogger, format_arguments
-from megatron_lsh.training.moe_stats import StepMoEStats, world_sum
 from megatron_lsh.training.lr_schedule import OptimizerParamScheduler
+from megatron_lsh.training.moe_stats import StepMoEStats, world_sum
 from megatron_lsh.training.signals import DistributedSignalHandler, ExitDurationTimer
 from megatron_lsh.training.tasks import Task, get_task
 from megatron_lsh.training.watchdog import (CollectiveWatchdog, is_collective_failure,
                                             launched_with_parent_death_signal)
 
+
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a NaN loss without loss scaling)."""
-
-
 
 
 def _resident_memory() -> str:
