@@ -8,11 +8,13 @@ count (``loss_mask`` [b]: padding samples of an evaluation batch do not).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_lsh.config import ModelConfig, MoEConfig
 from megatron_lsh.glue.data import GlueTask
-from megatron_lsh.models.classification import GPTClassifier
+from megatron_lsh.models.classification import GPTClassifier, classification_loss
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.training.tasks import Task
 
@@ -42,3 +44,17 @@ class ClassificationTask(Task):
         SplitDataset` batch."""
         return dict(input_ids=batch["tokens"], padding_mask=batch["padding_mask"].bool(),
                     labels=batch["labels"])
+
+    def eval_inputs(self, batch: dict, hidden_states: Optional[torch.Tensor] = None) -> dict:
+        """Without labels: the model returns the logits, which scoring needs."""
+        kwargs = self.model_inputs(batch, hidden_states)
+        kwargs.pop("labels")
+        return kwargs
+
+    def eval_report(self, logits: torch.Tensor, batch: dict) -> dict:
+        """Per micro-batch: sample indices and logits (for predictions and metrics), the
+        summed loss and the count of samples that count (padding samples do not)."""
+        mask = batch["loss_mask"].float()
+        loss = classification_loss(logits, batch["labels"], self.glue_task.is_regression)
+        return {"sample": batch["sample"].cpu(), "logits": logits.cpu(),
+                "loss": float((loss * mask).sum()), "count": float(mask.sum())}

@@ -37,8 +37,7 @@ from megatron_lsh.finetune.report import markdown_table, write_text
 from megatron_lsh.finetune.task import ClassificationTask
 from megatron_lsh.glue.data import SUBMISSION_NAMES, GlueTask, write_predictions
 from megatron_lsh.glue.metrics import score
-from megatron_lsh.models.classification import classification_loss
-from megatron_lsh.parallel.pipeline import StageOutput, forward_backward
+from megatron_lsh.parallel.pipeline import forward_backward
 from megatron_lsh.training.checkpoint_files import CheckpointError
 from megatron_lsh.training.loop import Trainer
 
@@ -146,25 +145,6 @@ class FinetuneTrainer(Trainer):
             self.stopped_early = bool(state.get("stopped_early", False))
 
     # -- scoring ---------------------------------------------------------------------------
-    def _eval_step_fn(self, batches: list):
-        model, task, groups = self.model, self.task, self.groups
-        regression = self.settings.task.is_regression
-
-        def forward_step(mb: int, inputs):
-            batch = batches[mb]
-            hidden = inputs[0] if inputs else None
-            kwargs = task.model_inputs(batch, hidden)
-            kwargs.pop("labels")
-            out, _ = model(**kwargs)
-            if not groups.is_last_stage:
-                return StageOutput(outputs=[out])
-            mask = batch["loss_mask"].float()
-            loss = classification_loss(out, batch["labels"], regression)
-            return StageOutput(report={"sample": batch["sample"].cpu(), "logits": out.cpu(),
-                                       "loss": float((loss * mask).sum()),
-                                       "count": float(mask.sum())})
-        return forward_step
-
     @torch.no_grad()
     def predict(self, split) -> tuple[float, list]:
         """``(mean loss, outputs)`` over all of ``split``: outputs in the split's order, class
