@@ -8,7 +8,8 @@ import torch
 
 from megatron_lsh.moe.compressors.clustering import (canonical_numbering, cluster_budget,
                                                      cluster_centroids, cluster_to_budget,
-                                                     distortion, lloyd_refine, sketch_rows)
+                                                     distortion, lloyd_refine, sketch_basis,
+                                                     sketch_rows)
 from megatron_lsh.moe.text_states import text_states
 
 HAMLET = os.path.join(os.path.dirname(__file__), "..", "fixtures", "moe",
@@ -258,6 +259,27 @@ def test_centroids_distortion_and_sketch():
     assert sketch.shape == (50, 16) and torch.equal(sketch, sketch_rows(rows, 16))
     assert sketch.norm() < rows.norm()                    # an orthonormal projection
     assert torch.equal(sketch_rows(rows, 64), rows)
+
+
+def test_precomputed_search_space_gives_the_same_partition():
+    """Sketching the tokens and gathering to rows is the same search as sketching the rows."""
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randn(120, 192, generator=gen)
+    token_of_row = torch.randint(0, 120, (300,), generator=gen)
+    expert_R = torch.sort(torch.randint(0, 3, (300,), generator=gen)).values
+    rows = tokens[token_of_row]
+    budget = torch.tensor([9, 7, 12])
+    search = (tokens @ sketch_basis(192, 32)).index_select(0, token_of_row)
+    assert torch.allclose(search, sketch_rows(rows, 32), atol=1e-5)
+    own = cluster_to_budget(rows, expert_R, budget, sketch_dim=32)
+    given = cluster_to_budget(None, expert_R, budget, search_RD=sketch_rows(rows, 32))
+    for a, b in zip(own, given):
+        assert torch.equal(a, b)
+    # Lloyd passes check moves in H dims: they need the rows themselves.
+    with pytest.raises(ValueError, match="None only"):
+        cluster_to_budget(None, expert_R, budget, search_RD=search, lloyd_iters=1)
+    with pytest.raises(ValueError, match="search_RD has 299 rows"):
+        cluster_to_budget(rows, expert_R, budget, search_RD=search[1:])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -322,6 +322,37 @@ def test_target_rate_sends_exactly_the_budget_per_expert(num_hashes):
     assert torch.allclose(payload, means, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_hashes", [0, 3])
+def test_target_rate_sketch_comes_from_the_router_without_row_copies(num_hashes):
+    """H > the sketch width: the sketch columns ride in the router's matmul, the rows are
+    never gathered, and the clusters equal those of clustering the rows' own sketch."""
+    from megatron_lsh.moe.compressors import clustering
+    hidden = 2 * clustering.SKETCH_DIM
+    comp = _lsh(hidden, 4, num_hashes=num_hashes, rotation_dim=1, target_rate=0.1)
+    columns = comp.router_columns()
+    assert columns.shape == (hidden, num_hashes + clustering.SKETCH_DIM)
+    assert "sketch" not in comp.state_dict()           # derived, not checkpointed
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(200, hidden, generator=gen)
+    top = torch.topk(torch.randn(200, 4, generator=gen), 2, dim=1).indices.reshape(-1)
+    order = torch.argsort(top, stable=True)
+    token = torch.arange(200).repeat_interleave(2)[order]
+    rows = Rows(x, top[order], token, torch.full((400,), 0.5), torch.bincount(top, minlength=4),
+                torch.arange(400)[order], 2, router_columns_TQ=x @ columns)
+    payload, per_expert, context = comp.compress(rows, StageTimer(False))
+    assert rows._rows_RH is None                        # no [rows, H] copy was made
+    want = torch.ceil(torch.bincount(top, minlength=4) * 0.1).long()
+    assert torch.equal(per_expert, want)
+    if num_hashes == 0:                                 # the tokens' sketch, gathered
+        search = (x @ clustering.sketch_basis(hidden, clustering.SKETCH_DIM))[token]
+        ref, _, _ = clustering.cluster_to_budget(None, rows.expert_of_row_R, want,
+                                                 search_RD=search)
+        assert torch.equal(context.clusters.cluster_of_row, ref)
+    means = torch.zeros(payload.shape).index_add(0, context.clusters.cluster_of_row, x[token])
+    means /= context.clusters.rows_per_cluster.unsqueeze(1)
+    assert torch.allclose(payload, means, atol=1e-5)
+
+
 def test_target_rate_has_less_residual_than_hashing_at_the_same_rate():
     """On real hidden states, refined clusters at LSH's own rate leave less residual energy."""
     x = text_states(FIXTURE.read_text(), 64, num_tokens=1024)

@@ -57,6 +57,9 @@ from functools import lru_cache
 
 import torch
 
+SKETCH_DIM = 128
+"""Default width of the random projection the splits search in (when H is larger)."""
+
 
 def cluster_budget(rows_per_expert_E: torch.Tensor, rate: float) -> torch.Tensor:
     """``[E]`` int64 clusters per expert for a target rate: ``ceil(rate * rows_e)``.
@@ -278,8 +281,13 @@ def _split_rounds(x_RD, expert_R, cluster_R, target_E, power_iters, refine_iters
 
 
 @lru_cache(maxsize=8)
-def _sketch_basis(hidden: int, dim: int, seed: int) -> torch.Tensor:
-    """``[H, dim]`` orthonormal columns from a seeded CPU Gaussian draw (QR, signs fixed)."""
+def sketch_basis(hidden: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """``[H, dim]`` orthonormal columns from a seeded CPU Gaussian draw (QR, signs fixed).
+
+    The basis :func:`sketch_rows` projects on; a caller that can fold the projection into a
+    matmul it does anyway (the router's) multiplies by it there and passes the product as
+    ``search_RD`` to :func:`cluster_to_budget`. Cached: do not modify the returned tensor.
+    """
     gen = torch.Generator().manual_seed(seed)
     q_HD, r_DD = torch.linalg.qr(torch.randn(hidden, dim, generator=gen))
     return q_HD * torch.sign(torch.diagonal(r_DD)).unsqueeze(0)
@@ -295,7 +303,7 @@ def sketch_rows(x_RH: torch.Tensor, dim: int | None, seed: int = 0) -> torch.Ten
     x_RH = x_RH.detach().float()
     if dim is None or dim >= x_RH.shape[1]:
         return x_RH
-    return x_RH @ _sketch_basis(x_RH.shape[1], int(dim), int(seed)).to(x_RH.device)
+    return x_RH @ sketch_basis(x_RH.shape[1], int(dim), int(seed)).to(x_RH.device)
 
 
 def _lloyd(x_RH, search_RD, expert_R, cluster_R, num_experts, iters):
@@ -366,9 +374,10 @@ def lloyd_refine(x_RH: torch.Tensor, expert_of_row_R: torch.Tensor,
                       cluster_of_row_R.to(x32_RH.device), num_experts, iters)
 
 
-def cluster_to_budget(x_RH: torch.Tensor, expert_of_row_R: torch.Tensor,
+def cluster_to_budget(x_RH: torch.Tensor | None, expert_of_row_R: torch.Tensor,
                       budget_E: torch.Tensor, *, init_cluster_of_row_R: torch.Tensor = None,
-                      lloyd_iters: int = 0, sketch_dim: int | None = 128,
+                      lloyd_iters: int = 0, sketch_dim: int | None = SKETCH_DIM,
+                      search_RD: torch.Tensor | None = None,
                       split_fraction: float = 0.5, sse_ratio: float = 0.25,
                       power_iters: int = 1, refine_iters: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -381,6 +390,10 @@ def cluster_to_budget(x_RH: torch.Tensor, expert_of_row_R: torch.Tensor,
     where it has more clusters than the target starts from one cluster instead.
     ``sketch_dim``: split (and search Lloyd candidates) in a fixed random ``sketch_dim``-dim
     projection of the rows (None: in H dims); Lloyd's moves are always checked exactly.
+    ``search_RD``: that projection already computed by the caller (e.g. ``sketch_rows`` of
+    the tokens, gathered to rows: projecting T tokens instead of R = T * top-k rows, with no
+    row copies); ``sketch_dim`` is then ignored, and ``x_RH`` may be None when
+    ``lloyd_iters`` is 0 (only Lloyd's exact checks read it).
     ``split_fraction`` / ``sse_ratio``: each round an expert cuts at most this fraction of
     its clusters, largest SSE first, and none with an SSE below this ratio of its largest
     (1 / 0 double the count every round, the fewest rounds). ``power_iters``: power iterations
@@ -389,9 +402,14 @@ def cluster_to_budget(x_RH: torch.Tensor, expert_of_row_R: torch.Tensor,
     centroids_per_expert_E [E])``, int64, on the device of ``x_RH``.
     """
     num_experts = budget_E.numel()
-    device = x_RH.device
+    if x_RH is None and (search_RD is None or lloyd_iters > 0):
+        raise ValueError("x_RH may be None only with search_RD given and lloyd_iters == 0")
+    space = x_RH if x_RH is not None else search_RD
+    device = space.device
     expert_R = expert_of_row_R.to(device=device, dtype=torch.int64)
-    rows = x_RH.shape[0]
+    rows = space.shape[0]
+    if search_RD is not None and search_RD.shape[0] != rows:
+        raise ValueError(f"search_RD has {search_RD.shape[0]} rows, x_RH {rows}")
     if expert_R.shape != (rows,):
         raise ValueError(f"expert_of_row_R has shape {tuple(expert_R.shape)}, expected ({rows},)")
     if not 0 < split_fraction <= 1:
@@ -408,13 +426,16 @@ def cluster_to_budget(x_RH: torch.Tensor, expert_of_row_R: torch.Tensor,
         return canonical_numbering(expert_R, expert_R, num_experts)
     target_E = torch.minimum(budget_E, rows_E)
     with torch.no_grad():
-        x32_RH = x_RH.detach().float()
-        search_RD = sketch_rows(x32_RH, sketch_dim)
+        x32_RH = None if x_RH is None else x_RH.detach().float()
+        search_RD = (sketch_rows(x32_RH, sketch_dim) if search_RD is None
+                     else search_RD.detach().float())
         cluster_R = _initial_partition(expert_R, target_E, init_cluster_of_row_R)
         cluster_R = _split_rounds(search_RD, expert_R, cluster_R, target_E, power_iters,
                                   refine_iters, float(split_fraction), float(sse_ratio))
+        if x32_RH is None:
+            return canonical_numbering(cluster_R, expert_R, num_experts)
         return _lloyd(x32_RH, search_RD, expert_R, cluster_R, num_experts, lloyd_iters)
 
 
 __all__ = ["cluster_budget", "cluster_to_budget", "lloyd_refine", "canonical_numbering",
-           "cluster_centroids", "distortion", "sketch_rows"]
+           "cluster_centroids", "distortion", "sketch_basis", "sketch_rows"]

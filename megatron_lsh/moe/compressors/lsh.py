@@ -19,7 +19,11 @@ combine gathers centroid outputs per top-k slot and adds the residual in one pas
 tokens, so no row-sized tensor (tokens x top-k copies) is ever built, forward or backward.
 
 Hashing shares the router's matmul: the rotations are the compressor's ``router_columns``,
-so the projections ``x @ R`` come out of the router's one pass over the tokens.
+so the projections ``x @ R`` come out of the router's one pass over the tokens. In the
+target-rate mode the clustering's random sketch (``clustering.sketch_basis``, when H exceeds
+its width) rides along too: the tokens are projected once, in that matmul, and the sketch of
+each row is a gather of its token's, so no ``[rows, H]`` copy is ever made (unless Lloyd
+passes, which check moves in H dimensions, are asked for).
 
 Legend: T tokens, K top-k, R rows, C clusters, H hidden, E experts, Q router columns (L*m).
 """
@@ -128,6 +132,11 @@ class LSHCompressor(Compressor):
         self.register_buffer("rotations", torch.empty(hidden_size, o.num_hashes * o.rotation_dim,
                                                       device=device))
         self.register_buffer("rotation_epoch", torch.zeros((), dtype=torch.int64, device=device))
+        # The clustering's fixed sketch basis (derived, so not saved in checkpoints).
+        sketch = o.target_rate is not None and hidden_size > clustering.SKETCH_DIM
+        self.register_buffer("sketch", torch.empty(hidden_size, clustering.SKETCH_DIM
+                                                   if sketch else 0, device=device),
+                             persistent=False)
         self._epoch = 0  # host copy of rotation_epoch (no device sync per iteration)
         self.register_load_state_dict_post_hook(self._after_load)
         self.reset_parameters()
@@ -147,9 +156,13 @@ class LSHCompressor(Compressor):
         self._epoch = epoch
 
     def reset_parameters(self) -> None:
-        """Draw the epoch-0 rotations (skipped on the meta device)."""
+        """Draw the epoch-0 rotations and fill the sketch basis (skipped on the meta device)."""
         if not self.rotations.is_meta:
             self._draw(0)
+            if self.sketch.shape[1]:
+                with torch.no_grad():
+                    self.sketch.copy_(clustering.sketch_basis(self.hidden_size,
+                                                              self.sketch.shape[1]))
 
     def set_iteration(self, iteration: int) -> None:
         """Redraw the rotations when ``iteration`` enters a new redraw interval."""
@@ -164,8 +177,19 @@ class LSHCompressor(Compressor):
                 f"target_rate={o.target_rate}, wire_dtype={o.wire_dtype}")
 
     def router_columns(self):
-        """The rotations: the router computes the hash projections in its matmul."""
-        return self.rotations if self.options.num_hashes > 0 else None
+        """The rotations and the sketch basis: the router computes the hash projections (and
+        the clustering's sketch) in its matmul."""
+        columns = [c for c in (self.rotations, self.sketch) if c.shape[1]]
+        if not columns:
+            return None
+        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+
+    def _projections(self, rows):
+        """``x_TH @ router_columns()``: from the router's matmul when it made them."""
+        if rows.router_columns_TQ is not None:
+            return rows.router_columns_TQ
+        columns = self.router_columns()
+        return None if columns is None else rows.x_TH.detach().to(columns.dtype) @ columns
 
     def compress(self, rows, timer):
         o = self.options
@@ -176,14 +200,13 @@ class LSHCompressor(Compressor):
         if o.scope == "inter-node" and self.same_node_E is not None:
             keep_R = self.same_node_E.to(rows.expert_of_row_R.device)[rows.expert_of_row_R]
             own_R = torch.where(keep_R, torch.arange(1, num_rows + 1, device=keep_R.device), 0)
+        projections_TQ = self._projections(rows)
+        hash_width = o.num_hashes * o.rotation_dim
         if o.num_hashes > 0:
             # 1. Hash with all L functions, once per token (its k rows share it), from the
             #    projections the router's matmul produced (or one matmul here).
-            projections_TQ = rows.router_columns_TQ
-            if projections_TQ is None:
-                projections_TQ = rows.x_TH.detach().to(self.rotations.dtype) @ self.rotations
-            codes_TW, radices = lsh_ops.codes_from_projections(projections_TQ, o.num_hashes,
-                                                               o.rotation_dim, o.hash_type)
+            codes_TW, radices = lsh_ops.codes_from_projections(
+                projections_TQ[:, :hash_width], o.num_hashes, o.rotation_dim, o.hash_type)
             codes_RW = codes_TW.index_select(0, rows.token_of_row_R)
             if keep_R is not None:      # a code column of its own for every kept row
                 codes_RW = torch.cat([codes_RW, own_R.unsqueeze(1)], dim=1)
@@ -203,9 +226,15 @@ class LSHCompressor(Compressor):
                 if init_R is None:
                     init_R = torch.where(keep_R, own_R + self.num_experts,
                                          rows.expert_of_row_R)
+            # The search space: each row's token sketch (or, for H <= the sketch width, the
+            # rows themselves); the rows in H dims only for Lloyd's exact checks.
+            if self.sketch.shape[1]:
+                search_RD = projections_TQ[:, hash_width:].index_select(0, rows.token_of_row_R)
+            else:
+                search_RD = rows.rows_RH.detach()
             clusters = lsh_ops.Clusters(*clustering.cluster_to_budget(
-                rows.rows_RH.detach(), rows.expert_of_row_R, budget_E,
-                init_cluster_of_row_R=init_R, lloyd_iters=o.lloyd_iters))
+                rows.rows_RH if o.lloyd_iters > 0 else None, rows.expert_of_row_R, budget_E,
+                init_cluster_of_row_R=init_R, lloyd_iters=o.lloyd_iters, search_RD=search_RD))
         # 3. Centroids = segment means, summed straight from the tokens (one pass per top-k
         #    slot, no row copies).
         cluster_TK = lsh_ops.cluster_of_slot(clusters, rows.slot_of_row_R, rows.x_TH.shape[0],
