@@ -54,9 +54,20 @@ def data_ready(model: str, data_dir: Path) -> Optional[str]:
 
 
 def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Optional[dict]:
-    """The cached result of a finished run, or None."""
+    """The cached result of a finished run of today's ``SMALL_SHAPE``, or None.
+
+    A cache written for another shape (or before results recorded theirs) is ignored, with a
+    warning, so a changed model is never reported with the old model's losses.
+    """
     cache = out_dir / f"{model}-{name}-seed{seed}-it{iters}.json"
-    return json.loads(cache.read_text()) if cache.exists() else None
+    if not cache.exists():
+        return None
+    result = json.loads(cache.read_text())
+    if result.get("shape") != SMALL_SHAPE:
+        print(f"warning: ignoring {cache}: it was trained with another model shape "
+              f"({result.get('shape')})", file=sys.stderr)
+        return None
+    return result
 
 
 def trainer_flags(model: str, flags: list, *, seed: int, iters: int, metrics: Path,
@@ -91,8 +102,9 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     key = f"{model}-{name}-seed{seed}-it{iters}"
     cache = out_dir / f"{key}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    done = cached(model, name, seed=seed, iters=iters, out_dir=out_dir)
+    if done is not None:
+        return done
     spec = MODELS[model]
     metrics = out_dir / f"{key}.jsonl"
     if metrics.exists():
@@ -113,7 +125,8 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
                            f"{proc.stderr[-3000:]}")
     rows = read_metrics(str(metrics))   # iteration records (not validation)
     valid = [(int(i), float(v)) for i, v in VALID_RE.findall(proc.stdout)]
-    result = {"model": model, "variant": name, "flags": flags, "seed": seed, "iters": iters,
+    result = {"model": model, "variant": name, "flags": flags, "shape": SMALL_SHAPE,
+              "seed": seed, "iters": iters,
               "wall_s": time.perf_counter() - start, "valid": valid,
               "train": [(r["iteration"], r["lm_loss"]) for r in rows],
               "bytes_per_iter": sum(sum(layer["bytes_fwd"] + layer["bytes_bwd"]
