@@ -32,7 +32,7 @@ SMALL_SHAPE = ["--num-layers", "6", "--hidden-size", "128", "--ffn-hidden-size",
                "--moe-layer-freq", "([0,1]*3)", "--moe-router-topk", "2"]
 """MoE on layers 2, 4, 6 (1-based). Megatron's ``--moe-layer-freq 2`` would put MoE on 1, 3, 5,
 so that the first MoE layer sees the bare embeddings: compressing those (rows of different
-tokens are far apart) costs LSH 3-4% of validation loss (docs/RESULTS.md), which is why the
+tokens are far apart) costs LSH 2.7-12% of validation loss (docs/RESULTS.md), which is why the
 committed results, measured before the flag took Megatron's meaning, use this placement."""
 MODELS = {
     "gpt": dict(script="pretrain_gpt_moe.py", recipe="tiny-gpt-moe", level="text_document",
@@ -53,13 +53,18 @@ def data_ready(model: str, data_dir: Path) -> Optional[str]:
     return None
 
 
+def _cache_path(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Path:
+    """Where the result of one run is cached (its metrics JSONL lies next to it)."""
+    return out_dir / f"{model}-{name}-seed{seed}-it{iters}.json"
+
+
 def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Optional[dict]:
     """The cached result of a finished run of today's ``SMALL_SHAPE``, or None.
 
     A cache written for another shape (or before results recorded theirs) is ignored, with a
     warning, so a changed model is never reported with the old model's losses.
     """
-    cache = out_dir / f"{model}-{name}-seed{seed}-it{iters}.json"
+    cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir)
     if not cache.exists():
         return None
     result = json.loads(cache.read_text())
@@ -100,8 +105,8 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
           timeout: float = 3600) -> dict:
     """Train ``model`` with compressor ``flags``; cached result dict (see the module docstring)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = f"{model}-{name}-seed{seed}-it{iters}"
-    cache = out_dir / f"{key}.json"
+    cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir)
+    key = cache.stem
     done = cached(model, name, seed=seed, iters=iters, out_dir=out_dir)
     if done is not None:
         return done

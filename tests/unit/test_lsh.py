@@ -325,7 +325,7 @@ def test_target_rate_sends_exactly_the_budget_per_expert(num_hashes):
 @pytest.mark.parametrize("num_hashes", [0, 3])
 def test_target_rate_sketch_comes_from_the_router_without_row_copies(num_hashes):
     """H > the sketch width: the sketch columns ride in the router's matmul, the rows are
-    never gathered, and the clusters equal those of clustering the rows' own sketch."""
+    never gathered, and the clusters are those of the tokens' sketch gathered to rows."""
     from megatron_lsh.moe.compressors import clustering
     hidden = 2 * clustering.SKETCH_DIM
     comp = _lsh(hidden, 4, num_hashes=num_hashes, rotation_dim=1, target_rate=0.1)

@@ -309,7 +309,7 @@ def sketch_rows(x_RH: torch.Tensor, dim: int | None, seed: int = 0) -> torch.Ten
 def _lloyd(x_RH, search_RD, expert_R, cluster_R, num_experts, iters):
     """Lloyd passes on canonical clusters; candidates from ``search_RD``, moves checked on x."""
     cluster_R, count_C, clusters_E = canonical_numbering(cluster_R, expert_R, num_experts)
-    rows, device = cluster_R.shape[0], x_RH.device
+    rows, device = cluster_R.shape[0], search_RD.device
     if rows == 0 or iters <= 0:
         return cluster_R, count_C, clusters_E
     rows_E = torch.bincount(expert_R, minlength=num_experts)
@@ -432,8 +432,6 @@ def cluster_to_budget(x_RH: torch.Tensor | None, expert_of_row_R: torch.Tensor,
         cluster_R = _initial_partition(expert_R, target_E, init_cluster_of_row_R)
         cluster_R = _split_rounds(search_RD, expert_R, cluster_R, target_E, power_iters,
                                   refine_iters, float(split_fraction), float(sse_ratio))
-        if x32_RH is None:
-            return canonical_numbering(cluster_R, expert_R, num_experts)
         return _lloyd(x32_RH, search_RD, expert_R, cluster_R, num_experts, lloyd_iters)
 
 

@@ -226,15 +226,16 @@ class LSHCompressor(Compressor):
                 if init_R is None:
                     init_R = torch.where(keep_R, own_R + self.num_experts,
                                          rows.expert_of_row_R)
-            # The search space: each row's token sketch (or, for H <= the sketch width, the
-            # rows themselves); the rows in H dims only for Lloyd's exact checks.
+            # The search space: each row's token sketch, gathered (the rows in H dims only
+            # for Lloyd's exact checks); for H <= the sketch width, the rows themselves.
             if self.sketch.shape[1]:
                 search_RD = projections_TQ[:, hash_width:].index_select(0, rows.token_of_row_R)
+                x_RH = rows.rows_RH if o.lloyd_iters > 0 else None
             else:
-                search_RD = rows.rows_RH.detach()
+                x_RH, search_RD = rows.rows_RH, None
             clusters = lsh_ops.Clusters(*clustering.cluster_to_budget(
-                rows.rows_RH if o.lloyd_iters > 0 else None, rows.expert_of_row_R, budget_E,
-                init_cluster_of_row_R=init_R, lloyd_iters=o.lloyd_iters, search_RD=search_RD))
+                x_RH, rows.expert_of_row_R, budget_E, init_cluster_of_row_R=init_R,
+                lloyd_iters=o.lloyd_iters, search_RD=search_RD))
         # 3. Centroids = segment means, summed straight from the tokens (one pass per top-k
         #    slot, no row copies).
         cluster_TK = lsh_ops.cluster_of_slot(clusters, rows.slot_of_row_R, rows.x_TH.shape[0],
