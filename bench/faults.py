@@ -24,7 +24,11 @@ Cases:
   save that does not fit must be refused in one sentence, the previous one stays loadable;
 * ``bitflip`` / ``truncate`` / ``delete``: rot one file of the newest checkpoint of a finished
   run; relaunch without ``--load-fallback`` must refuse in one sentence, with it must resume
-  from the previous checkpoint.
+  from the previous checkpoint;
+* ``nan-bf16`` / ``nan-fp16``: the loss of one random micro-batch turns NaN on rank 1 only
+  (``tests/e2e/fault_runner.py``). bf16 must stop with one error line naming the iteration and
+  rank 1, and a relaunch resume and finish; fp16 (loss scaling) must skip exactly that
+  iteration on every rank and finish.
 
     .venv/bin/python bench/faults.py --trials 20 --other-trials 5 --json > faults.json
 
@@ -54,21 +58,30 @@ ITERS = 10
 RESUMED = re.compile(r"resumed from .* at iteration (\d+)")
 ITERATION = re.compile(r"^ iteration +(\d+)/", re.MULTILINE)
 CASES = ["sigkill", "sigkill-restarts", "sigterm-rank", "sigterm-launcher", "sigstop",
-         "full-disk", "bitflip", "truncate", "delete"]
+         "full-disk", "bitflip", "truncate", "delete", "nan-bf16", "nan-fp16"]
+MICRO_BATCHES = 2
+"""Micro-batches per rank and iteration of the tiny runs (global batch 8, micro 2, 2 ranks)."""
+STACK_DUMP_AFTER_S = 60.0
+"""A job still running this long after its fault is asked for its ranks' stacks (SIGUSR1)."""
+NAN_ERROR = re.compile(r"error: the lm loss is nan at iteration (\d+) \(not finite on rank 1\)")
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
 
 
-def _command(corpus: str, work: str, ckpt: str, *, restarts: int = 0, extra=()) -> list:
+def _command(corpus: str, work: str, ckpt: str, *, restarts: int = 0, extra=(),
+             fault_runner: bool = False) -> list:
+    """torchrun of the tiny 2-rank run; ``fault_runner``: through ``tests/e2e/fault_runner.py``
+    (the fault named by the ``FAULT`` environment variable patched in)."""
     args = tiny_run_args("gpt", corpus, work, iters=ITERS) + [
         "--expert-model-parallel-size", "2", "--eval-iters", "0", "--log-interval", "1",
         "--save", ckpt, "--load", ckpt, "--save-interval", "2", "--exit-signal-handler",
         "--distributed-timeout-minutes", "0.1", *extra]
+    entry = ([str(REPO / "tests/e2e/fault_runner.py"), "gpt"] if fault_runner
+             else [str(REPO / "pretrain_gpt_moe.py")])
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--max-restarts={restarts}", "--nproc-per-node=2",
-            str(REPO / "pretrain_gpt_moe.py"), *args]
+            f"--max-restarts={restarts}", "--nproc-per-node=2", *entry, *args]
 
 
 def _ranks(launcher_pid: int) -> list:
@@ -79,16 +92,16 @@ def _ranks(launcher_pid: int) -> list:
         return []
 
 
-def _run(cmd: list, deadline_s: float, fault=None) -> dict:
+def _run(cmd: list, deadline_s: float, fault=None, env=None) -> dict:
     """Launch; ``fault(launcher, ranks)`` runs once at a random moment. Output, code, times."""
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    fault_at, hung, armed_at, at_fault = None, False, None, 0
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    fault_at, hung, armed_at, at_fault, dumped = None, False, None, 0, False
     # A random moment: after a random iteration is logged, a random fraction of a step later
-    # (forward, all-to-all, optimizer or a save).
-    after_iteration, extra_delay = random.randint(1, ITERS - 2), random.uniform(0.0, 0.4)
+    # (forward, all-to-all, optimizer or a save); at least 3 iterations (~0.5 s) stay after it.
+    after_iteration, extra_delay = random.randint(1, ITERS - 4), random.uniform(0.0, 0.4)
     while proc.poll() is None:
         now = time.monotonic()
         if fault is not None and fault_at is None:
@@ -103,6 +116,12 @@ def _run(cmd: list, deadline_s: float, fault=None) -> dict:
                 with open(log.name) as f:
                     at_fault = max((int(i) for i in ITERATION.findall(f.read())), default=0)
                 fault(proc, ranks)
+        if fault_at is not None and not dumped and now - fault_at > STACK_DUMP_AFTER_S:
+            # Past the normal stop (timeout + torchrun's grace): ask every rank for its
+            # threads' stacks (faulthandler on SIGUSR1, registered by the entry point).
+            dumped = True
+            for pid in _ranks(proc.pid):
+                os.kill(pid, signal.SIGUSR1)
         if now - start > deadline_s:
             hung = True
             os.killpg(proc.pid, signal.SIGKILL)
@@ -118,6 +137,7 @@ def _run(cmd: list, deadline_s: float, fault=None) -> dict:
     return {"code": proc.returncode, "out": out, "hung": hung,
             "stop_s": (end - fault_at) if fault_at else None,
             "faulted": fault_at is not None, "last_iteration": max(iterations, default=0),
+            "stacks_dumped": dumped,
             "at_fault_iteration": at_fault}
 
 
@@ -150,6 +170,37 @@ def _rot(ckpt: str, how: str) -> str:
     else:
         path.unlink()
     return str(path)
+
+
+def _nan_trial(case: str, corpus: str, work: str, ckpt: str, row: dict) -> dict:
+    """A NaN loss in one random micro-batch of rank 1; bf16 must stop naming it (and resume on
+    relaunch), fp16 must skip exactly that iteration on every rank."""
+    micro_batch = random.randint(MICRO_BATCHES + 1, MICRO_BATCHES * (ITERS - 1))
+    iteration = -(-micro_batch // MICRO_BATCHES)
+    metrics = os.path.join(work, "metrics.jsonl")
+    precision = ["--bf16"] if case == "nan-bf16" else ["--fp16", "--initial-loss-scale", "128"]
+    faulted = _run(_command(corpus, work, ckpt, extra=[*precision, "--metrics-jsonl", metrics],
+                            fault_runner=True), 180, env=_env(FAULT=f"nan_rank1:{micro_batch}"))
+    row["hangs"] = int(faulted["hung"])
+    if case == "nan-bf16":
+        errors = [line for line in faulted["out"].splitlines() if "error:" in line]
+        named = [int(i) for i in NAN_ERROR.findall(faulted["out"])]
+        stopped = faulted["code"] != 0 and named == [iteration] and len(errors) == 1
+        again = _run(_command(corpus, work, ckpt, extra=precision), 180)
+        loaded = [int(i) for i in RESUMED.findall(again["out"])]
+        row["hangs"] += int(again["hung"])
+        row["recovered"] = int(stopped and again["code"] == 0 and f"{ITERS}/" in again["out"])
+        row["lost_iterations"] = max(0, iteration - 1 - (loaded[0] if loaded else 0))
+    else:
+        rows = []
+        if os.path.exists(metrics):
+            from megatron_lsh.training.logger import read_metrics
+            rows = read_metrics(metrics)
+        skipped = [r["iteration"] for r in rows if r.get("skipped")]
+        row["recovered"] = int(faulted["code"] == 0 and skipped == [iteration]
+                               and bool(rows) and rows[-1]["iteration"] == ITERS)
+    row["corrupt_checkpoints"] = _corrupt_checkpoints(ckpt)
+    return row
 
 
 def trial(case: str, corpus: str, root: Path) -> dict:
@@ -186,6 +237,9 @@ def trial(case: str, corpus: str, root: Path) -> dict:
             row["hangs"] = int(refused["hung"] or resumed["hung"])
             return row
 
+        if case.startswith("nan-"):
+            return _nan_trial(case, corpus, work, ckpt, row)
+
         def fault(launcher, ranks):
             victim = random.choice(ranks)
             sig = {"sigkill": signal.SIGKILL, "sigkill-restarts": signal.SIGKILL,
@@ -199,6 +253,12 @@ def trial(case: str, corpus: str, root: Path) -> dict:
         faulted = _run(_command(corpus, work, ckpt, restarts=restarts), 240, fault)
         row["hangs"] += int(faulted["hung"])
         row["stop_s"] = faulted["stop_s"]
+        if faulted["stacks_dumped"]:
+            slow = REPO / "bench/out/faults-slow" / f"{case}-{time.strftime('%H%M%S')}.log"
+            slow.parent.mkdir(parents=True, exist_ok=True)
+            slow.write_text(faulted["out"])
+            print(f"{case}: still running {STACK_DUMP_AFTER_S:.0f} s after the fault; output "
+                  f"with the ranks' stacks in {slow}", file=sys.stderr, flush=True)
         if not faulted["faulted"]:
             raise RuntimeError(f"{case}: the run ended before the fault could be injected:\n"
                                f"{faulted['out'][-2000:]}")

@@ -12,7 +12,12 @@ dense (``none``) run's:
   fixed-L LSH;
 * ``target-R-{none,scaled,residual}``: exactly ceil(R x rows) centroids per expert, error-driven
   splits from one cluster per expert, with each compensation;
-* ``...-fp8``: stacked, the centroids travel as fp8.
+* ``...-fp8``: stacked, the centroids travel as fp8;
+* ``...-skip1`` / ``...-skip1fp8`` (with ``--moe-first``): layer 1 is left uncompressed / cast
+  to fp8 (``--moe-a2a-compression-skip-layers 1``), the rest as the variant says.
+
+``--moe-first`` uses Megatron's ``--moe-layer-freq 2`` placement (MoE on layers 1, 3, 5, the
+first seeing bare embeddings) instead of 2, 4, 6; its runs and report go to their own files.
 
 Results are cached per run under ``--out`` (resumable); ``--seeds`` repeats the variants
 named in ``--seed-variants`` (the points that decide a claim). Prints a table, writes
@@ -55,6 +60,10 @@ def _variants() -> dict:
             out[f"target-{rate}-{comp}"] = target("0")
             out[f"target-{rate}-{comp}-fp8"] = target("0") + ["--moe-lsh-wire-dtype", "fp8"]
             out[f"target-{rate}-{comp}-lshinit"] = target("6")
+    skip = ["--moe-a2a-compression-skip-layers", "1"]
+    for name in [n for n in out if n.startswith(("lsh-", "target-"))]:
+        out[f"{name}-skip1"] = out[name] + skip
+        out[f"{name}-skip1fp8"] = out[name] + skip + ["--moe-a2a-compression-skip-dtype", "fp8"]
     return out
 
 
@@ -145,6 +154,8 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO / "data/shakespeare")
     p.add_argument("--tokenizer-dir", type=Path, default=REPO / "data/tokenizer")
     p.add_argument("--out", type=Path, default=REPO / "bench/out/rate_quality")
+    p.add_argument("--moe-first", action="store_true",
+                   help="MoE on layers 1, 3, 5 (--moe-layer-freq 2) instead of 2, 4, 6")
     p.add_argument("--quick", action="store_true",
                    help="none, lsh-L6, target-0.1-scaled for 60 iterations")
     p.add_argument("--json", action="store_true", help="print only the JSON rows on stdout")
@@ -156,26 +167,34 @@ def main() -> None:
     problem = data_ready(args.model, args.data_dir)
     if problem:
         raise SystemExit(f"error: {problem}")
+    skipping = [v for v in args.variants if "-skip1" in v]
+    if skipping and not args.moe_first:
+        raise SystemExit(f"error: {skipping[0]} leaves layer 1 uncompressed, which is an MoE "
+                         f"layer only with --moe-first")
+    placement = ["--moe-layer-freq", "2"] if args.moe_first else []
+    tag = f"{args.model}_moe_first" if args.moe_first else args.model
+    out_dir = args.out / tag.replace("_", "-")
     first, rest = args.seeds[0], args.seeds[1:]
     repeated = args.variants if args.seed_variants is None else args.seed_variants
     plan = [(v, first) for v in args.variants] + [(v, s) for s in rest for v in repeated]
     results = []
     for variant, seed in plan:
         if args.report_only:
-            done = cached(args.model, variant, seed=seed, iters=args.iters,
-                          out_dir=args.out / args.model)
+            done = cached(args.model, variant, seed=seed, iters=args.iters, out_dir=out_dir)
             results += [done] if done else []
             continue
-        results.append(train(args.model, variant, VARIANTS[variant], seed=seed, iters=args.iters,
-                             out_dir=args.out / args.model, data_dir=args.data_dir,
+        results.append(train(args.model, variant, VARIANTS[variant] + placement, seed=seed,
+                             iters=args.iters, out_dir=out_dir, data_dir=args.data_dir,
                              tokenizer_dir=args.tokenizer_dir, micro_batch=args.micro_batch,
                              eval_interval=max(args.iters // 6, 10)))
     rows = table_rows(results)
     summ = summary(rows)
-    report = {"model": args.model, "iters": args.iters, "rows": rows, "summary": summ}
-    (args.out / f"rate_quality_{args.model}.json").write_text(json.dumps(report, indent=1))
-    plot(summ, args.out / f"rate_quality_{args.model}.png",
-         f"{args.model.upper()}-MoE small, {args.iters} iterations, 4 ranks EP=4")
+    report = {"model": args.model, "moe_first": args.moe_first, "iters": args.iters,
+              "rows": rows, "summary": summ}
+    (args.out / f"rate_quality_{tag}.json").write_text(json.dumps(report, indent=1))
+    plot(summ, args.out / f"rate_quality_{tag}.png",
+         f"{args.model.upper()}-MoE small{' (MoE on layer 1)' if args.moe_first else ''}, "
+         f"{args.iters} iterations, 4 ranks EP=4")
     if args.json:
         print(json.dumps({"rows": [{k: r[k] for k in ("variant", "bytes_ratio", "valid_loss",
                                                        "dense_valid_loss", "seed")}

@@ -10,11 +10,11 @@ shift 3
 NPROC=${NPROC:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 setup_run gpt_moe_cpu
-run_cmd "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+run_cmd "${PYTHON:-python}" -m megatron_lsh.launch --standalone --nproc-per-node "$NPROC" \
     pretrain_gpt_moe.py --model-recipe tiny-gpt-moe --expert-model-parallel-size "$NPROC" \
     --data-path "$DATA" --split 949,50,1 \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
     --micro-batch-size 4 --global-batch-size $((4 * NPROC)) --train-iters 2000 \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 100 --lr-decay-style cosine \
     --eval-interval 200 --eval-iters 10 --log-interval 10 --save-interval 500 \
-    --distributed-backend gloo "${RUN_FLAGS[@]}" "$@"
+    --exit-signal-handler --distributed-backend gloo "${RUN_FLAGS[@]}" "$@"

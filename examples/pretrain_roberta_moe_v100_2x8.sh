@@ -11,7 +11,8 @@ source examples/lib.sh
 DATA=${1:?data prefix (sentence-level, --split-sentences)}; SPM=${2:?SentencePiece model}
 shift 2
 setup_run roberta_moe
-run_cmd torchrun --nnodes 2 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
+run_cmd "${PYTHON:-python}" -m megatron_lsh.launch \
+    --nnodes 2 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
     --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-29500}" \
     pretrain_roberta_moe.py --model-recipe roberta-moe --expert-model-parallel-size 16 \
     --data-path "$DATA" --split 949,50,1 --tokenizer-type SentencePieceTokenizer \

@@ -13,7 +13,8 @@ source examples/lib.sh
 DATA=${1:?ImageNet folder with train/ and val/}
 shift 1
 setup_run swin_moe
-run_cmd torchrun --nnodes 4 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
+run_cmd "${PYTHON:-python}" -m megatron_lsh.launch \
+    --nnodes 4 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
     --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-29500}" \
     pretrain_swin_moe.py --model-recipe swin-moe-l --expert-model-parallel-size 32 \
     --data-path "$DATA" --num-workers 8 --micro-batch-size 32 --global-batch-size 1024 \

@@ -11,7 +11,8 @@ source examples/lib.sh
 DATA=${1:?data prefix (sentence-level)}; SPM=${2:?SentencePiece model}
 shift 2
 setup_run t5_moe
-run_cmd torchrun --nnodes 4 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
+run_cmd "${PYTHON:-python}" -m megatron_lsh.launch \
+    --nnodes 4 --nproc-per-node 8 --node-rank "${NODE_RANK:?}" \
     --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-29500}" \
     pretrain_t5_moe.py --model-recipe t5-moe \
     --tensor-model-parallel-size 2 --expert-model-parallel-size 16 \

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatron_lsh.settings import (ConfigError, _derive, check_choice, check_non_negative, check_positive,
-                                   check_probability, parse_int_tuple, parse_moe_layer_freq, require,
-                                   setting)
+from megatron_lsh.settings import (ConfigError, _derive, check_choice, check_non_negative,
+                                   check_positive, check_probability, parse_int_tuple,
+                                   parse_layer_list, parse_moe_layer_freq, require, setting)
 
 __all__ = ["ModelConfig", "MoEConfig"]
 
@@ -228,6 +228,18 @@ class MoEConfig:
         "row, lsh sends cluster centroids, cast sends low-precision rows.")
     compression_options: Any = None
     """The compressor's own settings (its ``Options`` dataclass); None: its defaults."""
+    a2a_compression_skip_layers: Any = setting(
+        (), "--moe-a2a-compression-skip-layers",
+        "1-based layer positions (counted within each stack, as --moe-layer-freq counts) whose "
+        "MoE all-to-all is not compressed by --moe-a2a-compression, e.g. '1' for the first "
+        "layer, whose rows are bare token embeddings and lose most under LSH; each must be an "
+        "MoE layer. Empty: every MoE layer compresses.", parse=parse_layer_list,
+        metavar="N[,N...]")
+    a2a_compression_skip_dtype: str = setting(
+        "none", "--moe-a2a-compression-skip-dtype",
+        "Wire format of the layers --moe-a2a-compression-skip-layers names: none sends their "
+        "rows as they are, bf16 / fp8 cast them (the cast compressor).",
+        choices=("none", "bf16", "fp8"))
 
     @property
     def enabled(self) -> bool:
@@ -244,6 +256,22 @@ class MoEConfig:
                 f"--moe-layer-freq gives {len(self.moe_layer_freq)} layers, but the stack has "
                 f"{stack_layers} (--num-layers / --decoder-num-layers)")
         return bool(self.moe_layer_freq[position - 1])
+
+    def compresses_layer(self, position: int) -> bool:
+        """Does the MoE layer at 1-based ``position`` of its stack use --moe-a2a-compression
+        (False: one of --moe-a2a-compression-skip-layers, sent per
+        --moe-a2a-compression-skip-dtype)?"""
+        return position not in self.a2a_compression_skip_layers
+
+    def check_skip_layers(self, stack_sizes) -> None:
+        """Every --moe-a2a-compression-skip-layers position is an MoE layer of at least one of
+        the stacks (sizes ``stack_sizes``); one sentence naming the position otherwise."""
+        for position in self.a2a_compression_skip_layers:
+            require(any(position <= size and self.is_moe_layer(position, size)
+                        for size in stack_sizes),
+                    f"--moe-a2a-compression-skip-layers names layer {position}, which is not an "
+                    f"MoE layer (--moe-layer-freq {self.moe_layer_freq!r}, stack sizes "
+                    f"{list(stack_sizes)})")
 
     def __post_init__(self):
         check_non_negative(self, "num_experts", "aux_loss_coeff", "z_loss_coeff")
@@ -272,3 +300,8 @@ class MoEConfig:
             check_positive(self, "capacity_factor")
         require(isinstance(self.a2a_compression, str) and self.a2a_compression != "",
                 f"--moe-a2a-compression must name a compressor, got {self.a2a_compression!r}")
+        try:
+            self.a2a_compression_skip_layers = parse_layer_list(self.a2a_compression_skip_layers)
+        except ValueError as error:
+            raise ConfigError(f"--moe-a2a-compression-skip-layers: {error}") from None
+        check_choice(self, "a2a_compression_skip_dtype")

@@ -131,6 +131,19 @@ def parse_moe_layer_freq(text: str):
     return result
 
 
+def parse_layer_list(text) -> tuple:
+    """``"1,3"`` / ``"1 3"`` / a list of ints / ``""`` -> sorted unique 1-based layer numbers
+    (``()`` when empty); ValueError naming the bad value otherwise."""
+    if text is None or (isinstance(text, str) and not text.strip(" ,'\"")) or (
+            isinstance(text, (list, tuple)) and not text):
+        return ()
+    values = parse_int_tuple(text.strip("'\"") if isinstance(text, str) else text)
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise ValueError(f"layer numbers are 1-based, got {bad[0]}")
+    return tuple(sorted(set(values)))
+
+
 def parse_int_tuple(text) -> tuple:
     """``"2,2,6,2"`` (or a list / tuple of ints) -> ``(2, 2, 6, 2)``; ValueError otherwise."""
     if isinstance(text, (list, tuple)):

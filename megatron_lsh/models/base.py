@@ -42,6 +42,8 @@ class StageModel(nn.Module):
         then decoder), as ``--moe-layer-freq`` does in Megatron."""
         total, decoder = cls.total_num_layers(config), cls.decoder_num_layers(config) or 0
         stacks = [(1, total - decoder)] + ([(total - decoder + 1, decoder)] if decoder else [])
+        if moe.enabled:
+            moe.check_skip_layers([size for _, size in stacks])
         return [start + p - 1 for start, size in stacks for p in range(1, size + 1)
                 if moe.is_moe_layer(p, size)]
 

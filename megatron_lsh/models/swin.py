@@ -182,7 +182,8 @@ class SwinBlock(nn.Module):
                                     activation="gelu", add_bias=True,
                                     init_method_std=config.init_method_std,
                                     output_layer_init_std=config.init_method_std,
-                                    seed=layer_seed(seed, number, SeedPart.MOE), device=device)
+                                    seed=layer_seed(seed, number, SeedPart.MOE),
+                                    compress=moe.compresses_layer(number), device=device)
             else:
                 self.mlp = SwinMLP(width, 4 * width, config, device=device)
         mask = shift_mask(side, side, self.w, self.shift) if self.shift else None

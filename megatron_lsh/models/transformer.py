@@ -248,7 +248,10 @@ class TransformerLayer(nn.Module):
                                     output_layer_init_std=config.init_method_std
                                     / math.sqrt(2.0 * config.num_layers),
                                     seed=layer_seed(seed, layer_number, SeedPart.MOE),
-                                    sequence_parallel=sequence_parallel, device=device)
+                                    sequence_parallel=sequence_parallel,
+                                    compress=moe.compresses_layer(stack_position
+                                                                  or layer_number),
+                                    device=device)
             else:
                 self.mlp = ParallelMLP(config, groups, sequence_parallel, device=device)
         if self.is_moe and moe.shared_expert_intermediate_size:

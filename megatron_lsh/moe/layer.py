@@ -49,7 +49,8 @@ class MoELayer(nn.Module):
                  groups: ProcessGroups, *, activation: str = "gelu", add_bias: bool = True,
                  init_method_std: float = 0.02, output_layer_init_std: Optional[float] = None,
                  seed: int = 1234, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device=None, timing: bool = False):
+                 params_dtype: torch.dtype = torch.float32, compress: bool = True, device=None,
+                 timing: bool = False):
         super().__init__()
         if moe_config.num_experts < 1:
             raise ConfigError(f"--num-experts must be positive for a MoE layer, got "
@@ -79,7 +80,8 @@ class MoELayer(nn.Module):
                                       seed=mix_seed(seed, 2), params_dtype=params_dtype,
                                       device=device)
         self.compressor = build_compressor(moe_config, hidden_size, seed=seed, device=device,
-                                           same_node_E=self._same_node_experts())
+                                           same_node_E=self._same_node_experts(),
+                                           compress=compress)
         self.dispatcher = AllToAllDispatcher(moe_config.num_experts, groups.ep, self.compressor)
         self.last_stats: Optional[MoEStats] = None
 

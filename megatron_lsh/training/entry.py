@@ -13,7 +13,9 @@ The model is defined in one of three ways:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -108,7 +110,11 @@ def announce_compat(namespace: argparse.Namespace) -> None:
 
 def run_job(job: Callable[[], dict]) -> int:
     """Run ``job`` (set-up and training; returns its summary) as an entry point does: bad
-    input is one ``error:`` line and exit status 1; success prints the summary (rank 0)."""
+    input is one ``error:`` line and exit status 1; success prints the summary (rank 0).
+
+    ``kill -USR1 <rank pid>`` prints every thread's Python stack to the rank's stderr and lets
+    it run on: where a hung rank waits, without a debugger."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         summary = job()
     except input_errors() as error:

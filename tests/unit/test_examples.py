@@ -69,3 +69,13 @@ def test_slurm_signal_reaches_the_training_processes():
     assert "#SBATCH --signal=TERM@" in text and "B:TERM" not in text
     (command,) = dry_run("pretrain_gpt_moe_slurm.sbatch")
     assert command[0] == "srun" and "torchrun" not in command and "--exit-signal-handler" in command
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s not in
+                                    ("quickstart.sh", "pretrain_gpt_moe_slurm.sbatch")])
+def test_launch_scripts_save_on_sigterm_and_exit_zero(script):
+    """A pre-empted job must read as a success: the launcher is the SIGTERM-forwarding wrapper
+    (plain torchrun exits 1 after its workers saved) and the ranks save on the signal."""
+    (command,) = [c for c in dry_run(script) if any(w.startswith("pretrain_") for w in c)]
+    assert command[1:3] == ["-m", "megatron_lsh.launch"], command[:4]
+    assert "torchrun" not in command and "--exit-signal-handler" in command

@@ -214,3 +214,31 @@ def test_moe_layer_freq_as_megatron_reads_it():
 def test_swiglu_width_default_is_megatrons():
     assert ModelConfig(hidden_size=256, activation="swiglu").ffn_hidden_size == 640
     assert ModelConfig(hidden_size=256).ffn_hidden_size == 1024
+
+
+def test_compression_skip_layers_send_the_named_layers_uncompressed():
+    from megatron_lsh.models.gpt import GPTModel
+    from megatron_lsh.moe.compressors import compression
+    lsh = _moe_model(**compression("lsh", num_hashes=2), a2a_compression_skip_layers=(1,))
+    cast = _moe_model(**compression("lsh", num_hashes=2), a2a_compression_skip_layers="1",
+                      a2a_compression_skip_dtype="fp8")
+    plain = _moe_model()
+    names = {n: type(l.mlp.compressor).name for n, l in lsh.decoder.layers.items() if l.is_moe}
+    assert names == {"1": "none", "3": "lsh"}
+    first = cast.decoder.layers["1"].mlp.compressor
+    assert type(first).name == "cast" and first.options.dtype == "fp8"
+    # The skipped layer computes exactly what the uncompressed model's layer computes.
+    x = torch.randn(12, 2, 32, generator=torch.Generator().manual_seed(1))
+    out_skip, _ = lsh.decoder.layers["1"].mlp(x)
+    out_plain, _ = plain.decoder.layers["1"].mlp(x)
+    torch.testing.assert_close(out_skip, out_plain, rtol=0, atol=0)
+    out_lsh, _ = lsh.decoder.layers["3"].mlp(x)
+    out_none3, _ = plain.decoder.layers["3"].mlp(x)
+    assert not torch.equal(out_lsh, out_none3)
+    with pytest.raises(ConfigError, match="skip-layers names layer 2, which is not an MoE layer"):
+        GPTModel.moe_layer_numbers(ModelConfig(**SMALL),
+                                   MoEConfig(num_experts=4, moe_layer_freq=2,
+                                             a2a_compression_skip_layers=(2,)))
+    for bad, reason in (("0", "1-based"), ("a", "comma-separated")):
+        with pytest.raises(ConfigError, match=f"--moe-a2a-compression-skip-layers: .*{reason}"):
+            MoEConfig(num_experts=4, a2a_compression_skip_layers=bad)

@@ -69,13 +69,21 @@ def compressor_class(name: str) -> type:
 
 
 def build_compressor(moe_config: MoEConfig, hidden_size: int, *, seed: int = 0,
-                     device=None, same_node_E=None) -> Compressor:
+                     device=None, same_node_E=None, compress: bool = True) -> Compressor:
     """The compressor ``moe_config.a2a_compression`` names, with its options (or defaults).
 
     ``seed`` is the MoE layer's seed: compressors with random state (LSH rotations) derive
     theirs from it, so every layer differs and every rank agrees. ``same_node_E``: which
-    destination experts live on this rank's node (None: unknown).
+    destination experts live on this rank's node (None: unknown). ``compress=False`` (a layer
+    of ``--moe-a2a-compression-skip-layers``): ``none``, or ``cast`` in the wire format of
+    ``--moe-a2a-compression-skip-dtype``.
     """
+    if not compress:
+        skip = moe_config.a2a_compression_skip_dtype
+        cls = compressor_class("none" if skip == "none" else "cast")
+        options = cls.Options() if skip == "none" else cls.Options(dtype=skip)
+        return cls(options, hidden_size=hidden_size, num_experts=moe_config.num_experts,
+                   seed=seed, device=device, same_node_E=same_node_E)
     cls = compressor_class(moe_config.a2a_compression)
     options = moe_config.compression_options
     if options is None:
