@@ -56,7 +56,8 @@ from tests.e2e.util import tiny_run_args, write_synthetic_corpus  # noqa: E402
 
 ITERS = 10
 RESUMED = re.compile(r"resumed from .* at iteration (\d+)")
-ITERATION = re.compile(r"^ iteration +(\d+)/", re.MULTILINE)
+ITERATION = re.compile(r"^ (?:\[[^]]*\] )?iteration +(\d+)/", re.MULTILINE)
+"""A log line of an iteration (Megatron's, with or without its timestamp)."""
 CASES = ["sigkill", "sigkill-restarts", "sigterm-rank", "sigterm-launcher", "sigstop",
          "full-disk", "bitflip", "truncate", "delete", "nan-bf16", "nan-fp16"]
 MICRO_BATCHES = 2

@@ -20,6 +20,7 @@ import torch
 from megatron_lsh.config import ConfigError, ModelConfig, MoEConfig
 from megatron_lsh.parallel.dims import ProcessGroups
 from megatron_lsh.training.checkpoint_files import CheckpointError, iteration_dir, read_latest
+from megatron_lsh.training.checkpointing import is_compressor_state
 
 
 def _known(cls, values: dict) -> dict:
@@ -106,10 +107,9 @@ class LoadedModel(CheckpointSource):
     model: torch.nn.Module = None
 
 
-def without_compressor_state(name: str) -> bool:
-    """True for a compressor's tensors (LSH rotations): a model built with another
-    compressor neither needs nor has them."""
-    return ".compressor." in name
+without_compressor_state = is_compressor_state
+"""True for a compressor's tensors (LSH rotations): a model built with another compressor
+neither needs nor has them."""
 
 
 def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:

@@ -73,9 +73,9 @@ from megatron_lsh.training.checkpoint_files import (
 
 __all__ = ["CHECKPOINT_VERSION", "CheckpointError", "FORMAT_KEY", "LATEST_FILE", "METADATA_FILE",
            "MODEL_FILE", "RESHARDABLE", "clean_stale", "distrib_optim_file",
-           "is_checkpoint_writer", "iteration_dir", "load_checkpoint", "no_checkpoint_warning",
-           "parallel_layout", "rank_dir", "rank_dir_name", "read_latest", "read_metadata",
-           "save_checkpoint"]
+           "is_checkpoint_writer", "is_compressor_state", "iteration_dir", "load_checkpoint",
+           "load_model_state", "no_checkpoint_warning", "parallel_layout", "rank_dir",
+           "rank_dir_name", "read_latest", "read_metadata", "save_checkpoint"]
 
 CHECKPOINT_VERSION = 2
 """Format version (``megatron_lsh_format``) of every checkpoint; loads refuse newer ones.
@@ -519,3 +519,38 @@ def load_checkpoint(load_dir: str, groups: ProcessGroups, *, expected_layout: di
         error.all_ranks = True
         raise error
     return None
+
+
+def is_compressor_state(name: str) -> bool:
+    """True for an all-to-all compressor's tensors (LSH rotations, sketch): derived from seeds,
+    not trained, so a model built with another compressor (or another LSH setting) may lack
+    them or shape them differently."""
+    return ".compressor." in name
+
+
+def load_model_state(model: torch.nn.Module, saved: dict, where: str,
+                     log: Optional[Callable[[str], None]] = None) -> None:
+    """Load ``saved`` (a checkpoint's model state) into ``model``, tolerating a changed
+    all-to-all compressor: its tensors that are missing, extra or differently shaped keep the
+    model's own (seeded) values, said in one line. Any other mismatch is one CheckpointError
+    naming ``where`` and the first differing tensors."""
+    own = model.state_dict()
+    extra = [n for n in saved if n not in own]
+    missing = [n for n in own if n not in saved]
+    reshaped = [n for n in own if n in saved and hasattr(saved[n], "shape")
+                and tuple(saved[n].shape) != tuple(own[n].shape)]
+    bad = [n for n in extra + missing + reshaped if not is_compressor_state(n)]
+    if bad:
+        counts = [(desc, sum(not is_compressor_state(n) for n in names)) for desc, names in
+                  (("not in this model", extra), ("missing from it", missing),
+                   ("of another shape", reshaped))]
+        kinds = ", ".join(f"{k} tensors {desc}" for desc, k in counts if k)
+        raise CheckpointError(f"{where} does not fit this model ({kinds}, e.g. "
+                              f"{', '.join(bad[:3])}): was it saved with other model flags?")
+    kept = set(extra) | set(reshaped)
+    model.load_state_dict({n: t for n, t in saved.items() if n not in kept}, strict=False)
+    if (extra or missing or reshaped) and log is not None:
+        log(f"> the all-to-all compressor's state differs from the checkpoint's ({len(extra)} "
+            f"tensors dropped, {len(missing) + len(reshaped)} kept as initialised): the "
+            f"compressor was changed")
+

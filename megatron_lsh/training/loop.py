@@ -398,7 +398,8 @@ class Trainer:
         if "reshard_from" in state:
             self._load_resharded(load_dir, iteration, state)
             return
-        self.model.load_state_dict(state["model"])
+        checkpointing.load_model_state(self.model, state["model"],
+                                       f"checkpoint {load_dir} iteration {iteration}", self.log)
         if ck.finetune or ck.no_load_optim:
             self.optimizer.reload_model_params()
         if ck.finetune:
@@ -435,7 +436,8 @@ class Trainer:
         t0 = time.perf_counter()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
         resharder = Resharder(state["reshard_from"], self.groups, log=self.log)
-        resharder.load_model(self.model)
+        resharder.load_model(self.model, ignore=checkpointing.is_compressor_state,
+                             optional=checkpointing.is_compressor_state)
         if ck.finetune or ck.no_load_optim:
             self.optimizer.reload_model_params()
         if ck.finetune:

@@ -342,3 +342,33 @@ def test_crash_in_the_middle_of_replacing_an_iteration_is_recovered(tmp_path):
     assert iteration == 1 and torch.equal(state["model"]["w"], torch.ones(2))
     save_checkpoint(2, {"model": {"w": torch.zeros(2)}}, root, SINGLE)
     assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", ckpt.LATEST_FILE]
+
+
+def _gpt_moe(**moe):
+    from megatron_lsh.config import ModelConfig, MoEConfig
+    from megatron_lsh.models import build_model
+    shape = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                 seq_length=8, vocab_size=64)
+    mp_random.model_parallel_seed(3, SINGLE)
+    return build_model("gpt", ModelConfig(**{**shape, **moe.pop("model", {})}),
+                       MoEConfig(num_experts=2, moe_layer_freq=1, **moe), seed=3)
+
+
+def test_a_changed_compressor_loads_and_says_so_other_mismatches_are_one_sentence():
+    from megatron_lsh.moe.compressors import compression
+    lsh = _gpt_moe(**compression("lsh", num_hashes=4))
+    saved = {n: t.clone() for n, t in lsh.state_dict().items()}
+    lines = []
+    # Layer 1 without compression, layer 2 with other hash counts: the checkpoint's rotations
+    # are dropped or of another shape; every trained tensor still loads.
+    other = _gpt_moe(**compression("lsh", num_hashes=2), a2a_compression_skip_layers=(1,))
+    seeded = {n: t.clone() for n, t in other.state_dict().items() if ".compressor." in n}
+    ckpt.load_model_state(other, saved, "checkpoint c iteration 4", lines.append)
+    for name, tensor in other.state_dict().items():
+        expected = seeded[name] if ".compressor." in name else saved[name]
+        assert torch.equal(tensor, expected), name
+    assert len(lines) == 1 and "compressor's state differs from the checkpoint's" in lines[0]
+    wider = _gpt_moe(**compression("lsh", num_hashes=4), model=dict(ffn_hidden_size=32))
+    with pytest.raises(CheckpointError, match=r"^checkpoint c iteration 4 does not fit this model "
+                                              r"\(\d+ tensors of another shape, e\.g\. .*fc1"):
+        ckpt.load_model_state(wider, saved, "checkpoint c iteration 4")
