@@ -36,7 +36,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulated_cluster import launch  # noqa: E402
 from netns import EmulatedCluster, NetnsError  # noqa: E402
-from trainer_runs import MODELS, REPO, VALID_RE, data_ready, trainer_flags  # noqa: E402
+from trainer_runs import (MODELS, REPO, SMALL_SHAPE, VALID_RE,  # noqa: E402
+                          data_ready, load_cached, trainer_flags)
 from megatron_lsh.training.logger import read_metrics  # noqa: E402
 
 LSH = ["--moe-a2a-compression", "lsh"]
@@ -88,8 +89,9 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     run_dir = (args.out / "runs" /
                f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{iters}")
     cache = run_dir / "result.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    done = load_cached(cache)
+    if done is not None:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -113,6 +115,7 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     shares = [r["timers"]["moe_a2a"] / r["ms_per_iter"] for r in rows[len(rows) // 10:]]
     label = name if iters == args.iters else f"{name}@{iters}"
     result = {"model": model, "variant": label, "iters": iters, "bandwidth_mbit": args.bandwidth,
+              "shape": SMALL_SHAPE,
               "curve": [(elapsed[i], v) for i, v in sorted(valid)],
               "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
               "a2a_share": sorted(shares)[len(shares) // 2] if shares else float("nan")}

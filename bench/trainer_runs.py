@@ -64,7 +64,12 @@ def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Op
     A cache written for another shape (or before results recorded theirs) is ignored, with a
     warning, so a changed model is never reported with the old model's losses.
     """
-    cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir)
+    return load_cached(_cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir))
+
+
+def load_cached(cache: Path) -> Optional[dict]:
+    """The result cached in ``cache`` when it exists and was trained with today's
+    ``SMALL_SHAPE``; None (with a warning for another shape) otherwise."""
     if not cache.exists():
         return None
     result = json.loads(cache.read_text())
