@@ -553,4 +553,3 @@ def load_model_state(model: torch.nn.Module, saved: dict, where: str,
         log(f"> the all-to-all compressor's state differs from the checkpoint's ({len(extra)} "
             f"tensors dropped, {len(missing) + len(reshaped)} kept as initialised): the "
             f"compressor was changed")
-
