@@ -191,6 +191,7 @@ def main() -> None:
     summ = summary(rows)
     report = {"model": args.model, "moe_first": args.moe_first, "iters": args.iters,
               "rows": rows, "summary": summ}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rate_quality_{tag}.json").write_text(json.dumps(report, indent=1))
     plot(summ, args.out / f"rate_quality_{tag}.png",
          f"{args.model.upper()}-MoE small{' (MoE on layer 1)' if args.moe_first else ''}, "
