@@ -52,6 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from megatron_lsh.training import checkpoint_files  # noqa: E402
+from megatron_lsh.training.logger import read_metrics  # noqa: E402
 from tests.e2e.util import tiny_run_args, write_synthetic_corpus  # noqa: E402
 
 ITERS = 10
@@ -193,10 +194,7 @@ def _nan_trial(case: str, corpus: str, work: str, ckpt: str, row: dict) -> dict:
         row["recovered"] = int(stopped and again["code"] == 0 and f"{ITERS}/" in again["out"])
         row["lost_iterations"] = max(0, iteration - 1 - (loaded[0] if loaded else 0))
     else:
-        rows = []
-        if os.path.exists(metrics):
-            from megatron_lsh.training.logger import read_metrics
-            rows = read_metrics(metrics)
+        rows = read_metrics(metrics) if os.path.exists(metrics) else []
         skipped = [r["iteration"] for r in rows if r.get("skipped")]
         row["recovered"] = int(faulted["code"] == 0 and skipped == [iteration]
                                and bool(rows) and rows[-1]["iteration"] == ITERS)

@@ -134,10 +134,11 @@ def parse_moe_layer_freq(text: str):
 def parse_layer_list(text) -> tuple:
     """``"1,3"`` / ``"1 3"`` / a list of ints / ``""`` -> sorted unique 1-based layer numbers
     (``()`` when empty); ValueError naming the bad value otherwise."""
-    if text is None or (isinstance(text, str) and not text.strip(" ,'\"")) or (
-            isinstance(text, (list, tuple)) and not text):
+    if isinstance(text, str):
+        text = text.strip(" ,'\"")
+    if not text:
         return ()
-    values = parse_int_tuple(text.strip("'\"") if isinstance(text, str) else text)
+    values = parse_int_tuple(text)
     bad = [v for v in values if v < 1]
     if bad:
         raise ValueError(f"layer numbers are 1-based, got {bad[0]}")

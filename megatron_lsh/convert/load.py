@@ -107,11 +107,6 @@ class LoadedModel(CheckpointSource):
     model: torch.nn.Module = None
 
 
-without_compressor_state = is_compressor_state
-"""True for a compressor's tensors (LSH rotations): a model built with another compressor
-neither needs nor has them."""
-
-
 def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
     """The model of ``load_dir``'s latest checkpoint (or iteration ``step``), in one process
     (CheckpointError as :func:`open_checkpoint`)."""
@@ -122,7 +117,7 @@ def load_model(load_dir: str, step: Optional[int] = None) -> LoadedModel:
     groups = ProcessGroups.single()
     model = build_model(ckpt.kind, ckpt.model_config, ckpt.moe_config, groups,
                         seed=ckpt.run_config.get("training", {}).get("seed", 1234))
-    Resharder(ckpt.source, groups).load_model(model, ignore=without_compressor_state)
+    Resharder(ckpt.source, groups).load_model(model, ignore=is_compressor_state)
     model.eval()
     return LoadedModel(**{f.name: getattr(ckpt, f.name)
                           for f in dataclasses.fields(CheckpointSource)}, model=model)

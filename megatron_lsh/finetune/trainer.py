@@ -68,7 +68,8 @@ def load_pretrained(model: torch.nn.Module, load_dir: str, groups,
     """Fill ``model``'s GPT-MoE body from a pretraining checkpoint (any layout); returns the
     checkpoint's iteration. The head, and compressor state the checkpoint lacks, keep their
     initial values; the checkpoint's language-model output layer is not used."""
-    from megatron_lsh.convert.load import open_checkpoint, without_compressor_state
+    from megatron_lsh.convert.load import open_checkpoint
+    from megatron_lsh.training.checkpointing import is_compressor_state
     from megatron_lsh.training.reshard import Resharder
 
     ckpt = open_checkpoint(load_dir)
@@ -77,10 +78,10 @@ def load_pretrained(model: torch.nn.Module, load_dir: str, groups,
                               f"GLUE fine-tuning starts from a GPT-MoE (gpt) checkpoint")
 
     def ignore(name: str) -> bool:
-        return name.startswith("output_layer.") or without_compressor_state(name)
+        return name.startswith("output_layer.") or is_compressor_state(name)
 
     def optional(name: str) -> bool:
-        return name.startswith("classification_head.") or without_compressor_state(name)
+        return name.startswith("classification_head.") or is_compressor_state(name)
 
     Resharder(ckpt.source, groups, log=log).load_model(model, ignore=ignore, optional=optional)
     return ckpt.iteration

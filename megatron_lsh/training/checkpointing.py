@@ -539,14 +539,14 @@ def load_model_state(model: torch.nn.Module, saved: dict, where: str,
     missing = [n for n in own if n not in saved]
     reshaped = [n for n in own if n in saved and hasattr(saved[n], "shape")
                 and tuple(saved[n].shape) != tuple(own[n].shape)]
-    bad = [n for n in extra + missing + reshaped if not is_compressor_state(n)]
-    if bad:
-        counts = [(desc, sum(not is_compressor_state(n) for n in names)) for desc, names in
-                  (("not in this model", extra), ("missing from it", missing),
-                   ("of another shape", reshaped))]
-        kinds = ", ".join(f"{k} tensors {desc}" for desc, k in counts if k)
+    bad = {desc: [n for n in names if not is_compressor_state(n)] for desc, names in
+           (("not in this model", extra), ("missing from it", missing),
+            ("of another shape", reshaped))}
+    if any(bad.values()):
+        kinds = ", ".join(f"{len(names)} tensors {desc}" for desc, names in bad.items() if names)
+        example = [n for names in bad.values() for n in names][:3]
         raise CheckpointError(f"{where} does not fit this model ({kinds}, e.g. "
-                              f"{', '.join(bad[:3])}): was it saved with other model flags?")
+                              f"{', '.join(example)}): was it saved with other model flags?")
     kept = set(extra) | set(reshaped)
     model.load_state_dict({n: t for n, t in saved.items() if n not in kept}, strict=False)
     if (extra or missing or reshaped) and log is not None:

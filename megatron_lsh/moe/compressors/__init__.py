@@ -82,15 +82,14 @@ def build_compressor(moe_config: MoEConfig, hidden_size: int, *, seed: int = 0,
         skip = moe_config.a2a_compression_skip_dtype
         cls = compressor_class("none" if skip == "none" else "cast")
         options = cls.Options() if skip == "none" else cls.Options(dtype=skip)
-        return cls(options, hidden_size=hidden_size, num_experts=moe_config.num_experts,
-                   seed=seed, device=device, same_node_E=same_node_E)
-    cls = compressor_class(moe_config.a2a_compression)
-    options = moe_config.compression_options
-    if options is None:
-        options = cls.Options()
-    elif not isinstance(options, cls.Options):
-        raise ConfigError(f"MoEConfig.compression_options is a {type(options).__name__}, but "
-                          f"compressor {cls.name!r} takes {cls.Options.__name__}")
+    else:
+        cls = compressor_class(moe_config.a2a_compression)
+        options = moe_config.compression_options
+        if options is None:
+            options = cls.Options()
+        elif not isinstance(options, cls.Options):
+            raise ConfigError(f"MoEConfig.compression_options is a {type(options).__name__}, "
+                              f"but compressor {cls.name!r} takes {cls.Options.__name__}")
     return cls(options, hidden_size=hidden_size, num_experts=moe_config.num_experts,
                seed=seed, device=device, same_node_E=same_node_E)
 
