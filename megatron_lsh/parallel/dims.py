@@ -305,13 +305,17 @@ def lingering_gloo_threads(wait_s: float = 2.0) -> list:
 
 
 def init_process_group(backend: str, **kwargs) -> None:
-    """``dist.init_process_group`` after importing ``torch._dynamo``.
+    """``dist.init_process_group`` after importing ``torch.distributed.nn``.
 
-    torch._dynamo, imported lazily by the first ``torch.optim`` optimizer, keeps a reference to
-    the default process group when it is first imported while a group exists, so the group
-    (and its threads) would outlive ``destroy_process_group``. Imported first, it holds none.
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as default arguments,
+    which are evaluated when the module is first imported: imported while a default group
+    exists, its functions keep that group (and its gloo threads) alive past
+    ``destroy_process_group``, invisibly to the garbage collector (a tuple of pybind objects is
+    not tracked). ``torch._dynamo`` imports it, and ``torch.optim`` imports ``torch._dynamo``
+    at the first optimizer call. Imported before any group exists (10 ms), the defaults are
+    None and hold nothing.
     """
-    import torch._dynamo  # noqa: F401
+    import torch.distributed.nn  # noqa: F401
     global _collective_timeout
     _collective_timeout = kwargs.get("timeout")
     dist.init_process_group(backend, **kwargs)

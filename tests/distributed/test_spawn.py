@@ -51,13 +51,27 @@ def _keeps_a_group(rank, world):
 
 def _trains_with_ddp_and_zero1(rank, world):
     # DDP hooks, the collective-support probe and the first torch.optim optimizer (which
-    # imports torch._dynamo) each once kept a process group alive past destroy_process_group.
+    # imports torch._dynamo, which imports torch.distributed.nn) each once kept a process
+    # group alive past destroy_process_group.
     from tests.distributed.test_optimizer import STEPS, _zero_setup, _zero_steps
     from megatron_lsh.parallel.dims import ParallelDims, ProcessGroups
     groups = ProcessGroups.build(ParallelDims(world, ep=1))
     _, ddp, opt = _zero_setup(groups, 1)
     norms, _ = _zero_steps(ddp, opt, groups, 0, STEPS)
     return len(norms)
+
+
+def _imports_dynamo_after_init(rank, world):
+    # torch._dynamo imports torch.distributed.nn, whose functions default to group.WORLD as
+    # it is at import time: imported with a group alive, they would keep it past destroy.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.nn.functional as functional
+    assert functional.all_reduce.__defaults__[-1] is None   # imported before the group
+    return rank
+
+
+def test_importing_dynamo_inside_a_worker_leaves_no_process_group_behind():
+    assert run_distributed(_imports_dynamo_after_init, 2, timeout=120) == [0, 1]
 
 
 def test_a_group_outliving_destroy_is_an_error():
