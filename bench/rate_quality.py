@@ -8,10 +8,10 @@ final validation loss (16 fixed batches) and its a2a bytes per iteration as a fr
 dense (``none``) run's:
 
 * ``none``, ``cast-bf16``, ``cast-fp8``: the baselines;
-* ``lsh-L{4,6,8,10}`` (residual compensation, the paper), ``...-nocomp`` and ``...-scaled``:
-  fixed-L LSH;
-* ``target-R-{none,scaled,residual}``: exactly ceil(R x rows) centroids per expert, error-driven
-  splits from one cluster per expert, with each compensation;
+* ``lsh-L{4,6,8,10}`` (residual compensation, the paper), ``...-nocomp``, ``...-scaled`` and
+  ``...-linear`` (first-order): fixed-L LSH;
+* ``target-R-{none,scaled,residual,linear}``: exactly ceil(R x rows) centroids per expert,
+  error-driven splits from one cluster per expert, with each compensation;
 * ``...-fp8``: stacked, the centroids travel as fp8;
 * ``...-skip1`` / ``...-skip1fp8`` (with ``--moe-first``): layer 1 is left uncompressed / cast
   to fp8 (``--moe-a2a-compression-skip-layers 1``), the rest as the variant says.
@@ -52,8 +52,10 @@ def _variants() -> dict:
                                          "--moe-lsh-compensation", "none"]
         out[f"lsh-L{L}-scaled"] = lsh + ["--moe-lsh-num-hashes", str(L),
                                          "--moe-lsh-compensation", "scaled"]
+        out[f"lsh-L{L}-linear"] = lsh + ["--moe-lsh-num-hashes", str(L),
+                                         "--moe-lsh-compensation", "linear"]
     for rate in ("0.05", "0.1", "0.2"):
-        for comp in ("none", "scaled", "residual"):
+        for comp in ("none", "scaled", "residual", "linear"):
             def target(hashes):
                 return lsh + ["--moe-lsh-target-rate", rate, "--moe-lsh-num-hashes", hashes,
                               "--moe-lsh-compensation", comp]

@@ -134,6 +134,8 @@ WORLD2 = [
     scenario("ep2-lsh", 2, ep=2, compressor="lsh", options={"num_hashes": 2}),
     scenario("ep2-lsh-nocomp", 2, ep=2, compressor="lsh",
              options={"num_hashes": 3, "compensation": "none"}),
+    scenario("ep2-lsh-linear", 2, ep=2, compressor="lsh",
+             options={"num_hashes": 3, "compensation": "linear", "linear_rank": 4}),
     scenario("ep2-cast-fp8", 2, ep=2, compressor="cast", options={"dtype": "fp8"}),
     scenario("ep2-top1-capacity", 2, ep=2, router_topk=1, capacity_factor=1.0),
     scenario("ep2-empty-rank", 2, ep=2, tokens="empty_on_1"),
@@ -149,6 +151,8 @@ WORLD4 = [
     scenario("tp2-ep4-lsh", 4, tp=2, ep=4, compressor="lsh", options={"num_hashes": 2}),
     scenario("tp2-ep2-lsh-target", 4, tp=2, ep=2, compressor="lsh",
              options={"num_hashes": 0, "target_rate": 0.3, "compensation": "scaled"}),
+    scenario("tp2-ep2-lsh-linear", 4, tp=2, ep=2, compressor="lsh",
+             options={"num_hashes": 0, "target_rate": 0.3, "compensation": "linear"}),
     scenario("tp2-ep4-sp-none", 4, tp=2, ep=4, sp=True),
     scenario("ep4-empty-rank", 4, ep=4, tokens="empty_on_1", router_topk=1),
 ]

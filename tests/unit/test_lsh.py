@@ -396,3 +396,110 @@ def test_inter_node_scope_sends_rows_for_experts_on_the_node_as_they_are(options
     kept = (experts != 1).nonzero().squeeze(1)
     clusters_of_kept = context.clusters.cluster_of_row[kept]
     assert torch.equal(payload[clusters_of_kept], x[kept])       # sent as they are
+
+
+def _linear_expert(matrix):
+    class Linear(torch.nn.Module):
+        num_experts = 3
+
+        def forward(self, x_MH, counts):
+            return x_MH @ matrix.t()
+    return Linear()
+
+
+def test_linear_compensation_is_exact_for_a_linear_expert(monkeypatch):
+    """E(x) = A x, rank H and no ridge: the fitted model is A, so every row comes back as A x
+    although rows were merged (residual or scaled compensation cannot do that for a general A)."""
+    torch.manual_seed(0)
+    num_tokens, hidden = 60, 4
+    matrix = torch.randn(hidden, hidden, dtype=torch.float64)
+    monkeypatch.setattr(lsh, "LINEAR_RIDGE", 0.0)
+    comp = _lsh(hidden, 3, num_hashes=3, rotation_dim=1, compensation="linear",
+                linear_rank=hidden)
+    experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64)
+    gates = torch.rand(num_tokens, 2, dtype=torch.float64)
+    out, stats = _dispatch(x, Routing(gates, experts_TK, None, None, None),
+                           _linear_expert(matrix), comp, with_stats=True)
+    assert stats.sent_rows < 2 * num_tokens
+    assert torch.allclose(out, (x @ matrix.t()) * gates.sum(1, keepdim=True), atol=1e-10)
+
+
+def test_linear_surrogates_recover_a_linear_map_on_the_span_of_the_centroids():
+    """Centroids in an affine r-dim subspace: B P^T equals A on that subspace (rank r, no ridge),
+    and an expert with a single cluster gets a zero block."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, rank = 8, 3
+    basis = torch.randn(hidden, rank, generator=gen, dtype=torch.float64)
+    c = torch.randn(10, rank, generator=gen, dtype=torch.float64) @ basis.t() + 1.5
+    matrix = torch.randn(hidden, hidden, generator=gen, dtype=torch.float64)
+    c = torch.cat([c, torch.randn(1, hidden, generator=gen, dtype=torch.float64)])
+    expert_C = torch.tensor([0] * 10 + [1])
+    p, b = lsh.linear_surrogates(c, c @ matrix.t() + 0.3, expert_C, 2, rank, ridge=0.0)
+    d = torch.randn(5, rank, generator=gen, dtype=torch.float64) @ basis.t()
+    assert torch.allclose(d @ p[:, :rank] @ b[:, :rank].t(), d @ matrix.t(), atol=1e-10)
+    assert torch.count_nonzero(p[:, rank:]) == 0 and torch.count_nonzero(b[:, rank:]) == 0
+
+
+def test_linear_correction_matches_the_row_by_row_formula_and_skips_unused_slots():
+    gen = torch.Generator().manual_seed(5)
+    num_tokens, hidden, rank, num_experts = 7, 5, 2, 3
+    x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
+    centroids = torch.randn(4, hidden, generator=gen, dtype=torch.float64)
+    expert_C = torch.tensor([0, 1, 1, 2])
+    cluster_TK = torch.tensor([[0, 1], [2, 3], [1, 4], [3, 0], [4, 2], [0, 3], [2, 1]])
+    gate_TK = torch.rand(num_tokens, 2, generator=gen, dtype=torch.float64)
+    p = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
+    b = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
+    out = lsh.linear_correction(x, centroids, cluster_TK, gate_TK, expert_C, p, b, rank)
+    expected = torch.zeros_like(x)
+    for t in range(num_tokens):
+        for j in range(2):
+            c = int(cluster_TK[t, j])
+            if c == 4:                  # the dummy cluster: the slot sent nothing
+                continue
+            e = int(expert_C[c])
+            block = slice(e * rank, (e + 1) * rank)
+            expected[t] += gate_TK[t, j] * ((x[t] - centroids[c]) @ p[:, block]) @ b[:, block].t()
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_gradcheck_lsh_dispatch_path_with_linear_compensation(monkeypatch):
+    """The backward differentiates the forward with the fitted maps held fixed."""
+    torch.manual_seed(0)
+    num_tokens, hidden, num_experts, rank = 12, 6, 3, 2
+    gen = torch.Generator().manual_seed(9)
+    maps = (torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64),
+            torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64))
+    monkeypatch.setattr(lsh, "linear_surrogates", lambda *args, **kw: maps)
+    experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
+    comp = _lsh(hidden, num_experts, num_hashes=2, rotation_dim=1, compensation="linear",
+                linear_rank=rank)
+    experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(num_tokens, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, gates):
+        return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
+    assert torch.autograd.gradcheck(fn, (x, gates), eps=1e-6, atol=1e-6)
+
+
+def test_linear_compensation_with_singleton_clusters_equals_no_compression():
+    """Every row its own cluster: x - c = 0, so the correction and its gradient vanish."""
+    hidden, num_experts = 16, 4
+    experts = GroupedExperts(num_experts, hidden, 32, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(40, hidden, generator=gen)
+    routing = Routing(torch.rand(40, 2, generator=gen), torch.stack(
+        [torch.randint(0, 2, (40,), generator=gen), torch.randint(2, 4, (40,), generator=gen)],
+        1), None, None, None)
+    comp = _lsh(hidden, num_experts, num_hashes=10, rotation_dim=64, compensation="linear")
+    results = []
+    for compressor in (NoCompression(), comp):
+        x = x0.clone().requires_grad_()
+        y = _dispatch(x, routing, experts, compressor)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        results.append((y.detach(), x.grad))
+        experts.zero_grad()
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

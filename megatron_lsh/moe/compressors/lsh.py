@@ -4,7 +4,8 @@ Rows of one expert are clustered by L cross-polytope (or spherical-plane) hashes
 the cluster centroids cross the all-to-all, in the forward and, as their gradients, in the
 backward; the pure functions are in :mod:`.lsh_ops`. Each row's output is rebuilt from its
 centroid's expert output, with residual compensation ``E(c) + (x - c)``, scaled compensation
-``E(c) + alpha_e (x - c)`` or none (``E(c)``). The rotations are buffers (saved in the state
+``E(c) + alpha_e (x - c)``, first-order (linear) compensation ``E(c) + B_e P_e^T (x - c)`` or
+none (``E(c)``). The rotations are buffers (saved in the state
 dict, identical on every rank, optionally redrawn every N iterations through
 ``set_iteration``).
 
@@ -42,7 +43,7 @@ from megatron_lsh.moe.compressors.codecs import CODECS
 from megatron_lsh.parallel.random import mix_seed
 
 
-COMPENSATIONS = ("residual", "scaled", "none")
+COMPENSATIONS = ("residual", "scaled", "linear", "none")
 
 
 @dataclass
@@ -62,8 +63,12 @@ class LSHOptions:
         "none", "--moe-lsh-compensation", "How a row is rebuilt from its centroid c: none "
         "E(c); residual E(c) + (x - c) (the paper's; measured to over-correct: +6.7%% "
         "validation loss on the small GPT-MoE); scaled E(c) + alpha_e (x - c) with alpha_e the "
-        "expert's slope estimated from the sender's own centroids.",
+        "expert's slope estimated from the sender's own centroids; linear E(c) + B_e P_e^T (x - c), "
+        "a rank-r linear model of each expert fitted on the same centroids "
+        "(--moe-lsh-linear-rank).",
         choices=COMPENSATIONS, aliases={"--moe-lsh-no-compensation": "none"})
+    linear_rank: int = setting(8, "--moe-lsh-linear-rank",
+                               "Rank r of each expert's linear model (compensation linear).")
     target_rate: Optional[float] = setting(
         None, "--moe-lsh-target-rate", "Send exactly ceil(R x rows) centroids per expert "
         "(per rank, every iteration): LSH buckets refined by error-driven splits; bytes become "
@@ -92,7 +97,7 @@ class LSHOptions:
             check_non_negative(self, "num_hashes")
             require(0.0 < self.target_rate <= 1.0,
                     f"--moe-lsh-target-rate must be in (0, 1], got {self.target_rate}")
-        check_positive(self, "rotation_dim")
+        check_positive(self, "rotation_dim", "linear_rank")
         check_non_negative(self, "redraw_interval", "lloyd_iters")
         check_choice(self, "hash_type")
         check_choice(self, "compensation")
@@ -252,9 +257,10 @@ class LSHCompressor(Compressor):
 
         Token-major: one gather of centroid outputs per slot and one residual pass over the
         tokens, no row-sized tensors. Same value (and exact gradient) as
-        :func:`lsh_ops.restore` followed by the weighted sum into tokens.
+        :func:`lsh_ops.restore` followed by the weighted sum into tokens. Linear compensation
+        adds ``sum_j g_tj B_e P_e^T (x_t - c_tj)`` (:func:`lsh_ops.linear_correction`).
         """
-        compensation = self.options.compensation != "none"
+        compensation = self.options.compensation in ("residual", "scaled")
         clusters, cluster_TK = context.clusters, context.cluster_TK
         num_clusters = clusters.num_clusters
         gate_TK = rows.gate_TK()
@@ -276,6 +282,18 @@ class LSHCompressor(Compressor):
         timer.lap("restore")
         out_TH = lsh_ops.gather_slots(delta_CH, cluster_TK, gate_TK, num_clusters)
         timer.lap("unpermute")
+        if self.options.compensation == "linear":
+            rank = self.options.linear_rank
+            expert_C = lsh_ops.expert_of_cluster(clusters)
+            p_HQ, b_HQ = lsh_ops.linear_surrogates(context.centroids_CH.detach(),
+                                                   expert_out_PH.detach(), expert_C,
+                                                   self.num_experts, rank,
+                                                   ridge=lsh_ops.LINEAR_RIDGE)
+            x_TH = timer.mark(rows.x_TH, "restore_bwd", "in")
+            correction_TH = lsh_ops.linear_correction(x_TH, context.centroids_CH, cluster_TK,
+                                                      gate_TK, expert_C, p_HQ, b_HQ, rank)
+            out_TH = out_TH + timer.mark(correction_TH, "restore_bwd", "out")
+            timer.lap("restore")
         if compensation:
             out_TH = timer.mark(out_TH, "restore_bwd", "in")
             out_TH = lsh_ops.AddScaledTokens.apply(out_TH, rows.x_TH, residual_weight_T)

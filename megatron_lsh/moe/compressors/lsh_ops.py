@@ -30,6 +30,10 @@
   holds: pairs of its own centroids of one expert (each with its nearest neighbour) and their
   returned outputs, ``alpha_e = sum <E(c_i) - E(c_j), c_i - c_j> / sum |c_i - c_j|^2``,
   clamped to [0, 1] and used as a constant (no gradient through it).
+* :func:`linear_surrogates` / :func:`linear_correction`: first-order compensation
+  ``y = E(c) + B_e P_e^T (x - c)``, a rank-r linear model of each expert fitted (ridge
+  regression, no gradient) on the same centroids and outputs, in the r directions they spread
+  most along; nothing extra crosses the all-to-all.
 
 Legend: R rows, H hidden, L hash functions, m rotation dim, C clusters (centroids),
 E experts, W code columns.
@@ -245,6 +249,76 @@ def secant_slopes(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
         den_E = torch.zeros_like(alpha_E).index_add(
             0, expert_S, torch.where(valid_S, dc_SH.square().sum(1), 0.0))
         return torch.where(den_E > 0, num_E / den_E.clamp_min(1e-30), 0.0).clamp(0.0, 1.0)
+
+
+LINEAR_RIDGE = 0.01
+"""Ridge of :func:`linear_surrogates`, relative to the largest squared singular value."""
+
+
+def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
+                      expert_C: torch.Tensor, num_experts: int, rank: int,
+                      ridge: float = LINEAR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P_HQ, B_HQ)``, ``Q = E * rank``: a rank-``rank`` linear model of each expert (no grad).
+
+    Fitted per expert e on the sender's own centroids and their returned outputs: with
+    ``dc = c - mean(c)``, ``dy = E(c) - mean(E(c))`` over e's clusters and ``dc = U S V^T``,
+    ``P_e = V_r`` (the r directions the centroids spread most along) and
+    ``B_e = dy^T U_r diag(S_r / (S_r^2 + ridge * S_1^2))``, the ridge regression of dy on
+    ``dc P_e``; so ``E(x) ~ E(c) + B_e P_e^T (x - c)`` for x near c. Column block e of P and B
+    belongs to expert e; the block is zero where e has fewer than two clusters (and unused
+    columns where it has fewer than ``rank + 1``).
+    """
+    with torch.no_grad():
+        hidden = centroids_CH.shape[1]
+        acc = torch.promote_types(centroids_CH.dtype, torch.float32)
+        p_EHr = centroids_CH.new_zeros((num_experts, hidden, rank), dtype=acc)
+        b_EHr = torch.zeros_like(p_EHr)
+        counts = torch.bincount(expert_C, minlength=num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):      # E small problems of n x H each
+            if n >= 2:
+                c_nH = centroids_CH[start:start + n].to(acc)
+                y_nH = expert_out_CH[start:start + n].to(acc)
+                dc_nH, dy_nH = c_nH - c_nH.mean(0), y_nH - y_nH.mean(0)
+                u_nk, s_k, vh_kH = torch.linalg.svd(dc_nH, full_matrices=False)
+                r = min(rank, int((s_k > s_k[0] * 1e-6).sum()))
+                if r > 0:
+                    shrink_r = s_k[:r] / (s_k[:r].square() + ridge * s_k[0].square())
+                    p_EHr[e, :, :r] = vh_kH[:r].t()
+                    b_EHr[e, :, :r] = (dy_nH.t() @ u_nk[:, :r]) * shrink_r
+            start += n
+        def flat(t_EHr):
+            return t_EHr.permute(1, 0, 2).reshape(hidden, num_experts * rank)
+        return flat(p_EHr), flat(b_EHr)
+
+
+def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK: torch.Tensor,
+                      gate_TK: torch.Tensor, expert_C: torch.Tensor, p_HQ: torch.Tensor,
+                      b_HQ: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[T, H]`` ``sum_j g_tj B_e P_e^T (x_t - c_tj)`` over the top-k slots (e: the slot's expert).
+
+    Token-major, two matmuls with the ``[H, E*r]`` maps of :func:`linear_surrogates`:
+    ``s = x P`` holds every expert's r coordinates of each token; each slot keeps its expert's
+    block minus its centroid's, weighted by its gate, and ``W B^T`` sums the slots back into
+    tokens. Differentiable in x and the centroids (the maps are constants). A singleton's term
+    is zero (its centroid is its row); unused slots (the dummy cluster C, gate 0) add nothing.
+    """
+    num_tokens, topk = cluster_TK.shape
+    num_clusters = centroids_CH.shape[0]
+    num_experts = p_HQ.shape[1] // rank
+    p_HQ, b_HQ = p_HQ.to(x_TH.dtype), b_HQ.to(x_TH.dtype)
+    s_TEr = (x_TH @ p_HQ).view(num_tokens, num_experts, rank)
+    if num_clusters == 0:       # nothing was sent: a zero that is still connected to x
+        return (s_TEr.reshape(num_tokens, -1) * 0) @ b_HQ.t()
+    expert_TK = torch.cat([expert_C, expert_C.new_zeros(1)])[cluster_TK]
+    index_TKr = expert_TK.unsqueeze(-1).expand(num_tokens, topk, rank)
+    q_CEr = (centroids_CH.to(x_TH.dtype) @ p_HQ).view(num_clusters, num_experts, rank)
+    q_Cr = q_CEr[torch.arange(num_clusters, device=q_CEr.device), expert_C]
+    q_Cr = torch.cat([q_Cr, q_Cr.new_zeros(1, rank)])
+    weight_TK = gate_TK.to(x_TH.dtype) * (cluster_TK < num_clusters).to(x_TH.dtype)
+    z_TKr = (s_TEr.gather(1, index_TKr) - q_Cr[cluster_TK]) * weight_TK.unsqueeze(-1)
+    w_TEr = torch.zeros_like(s_TEr).scatter_add(1, index_TKr, z_TKr)
+    return w_TEr.reshape(num_tokens, num_experts * rank) @ b_HQ.t()
 
 
 def restore(x_RH: torch.Tensor, centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
