@@ -1,28 +1,10 @@
 """The hash ablation's plan: runs it shares with the rate-quality sweep are the same runs, and
 its two hash families are compared at equal bucket capacity."""
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from megatron_lsh.moe.compressors.lsh_ops import codes_from_projections
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _bench(name):
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                      os.path.join(ROOT, "bench", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
-
+from tests.unit.test_bench_parsers import _bench
 
 def _pairs(flags):
     """Flags as a set of (flag, value) pairs: the order does not change a run."""

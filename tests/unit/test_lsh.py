@@ -126,7 +126,7 @@ def _dispatch(x_TH, routing, experts, compressor, with_stats=False):
     return (out, stats) if with_stats else out
 
 
-@pytest.mark.parametrize("compensation", ["residual", "scaled", "none"])
+@pytest.mark.parametrize("compensation", ["residual", "scaled", "linear", "none"])
 def test_lsh_with_singleton_clusters_equals_no_compression_exactly(compensation):
     """Enough hash bits that every row is its own cluster: centroids are the rows."""
     hidden, num_experts = 16, 4
@@ -441,22 +441,24 @@ def test_linear_surrogates_recover_a_linear_map_on_the_span_of_the_centroids():
     assert torch.count_nonzero(p[:, rank:]) == 0 and torch.count_nonzero(b[:, rank:]) == 0
 
 
-def test_linear_correction_matches_the_row_by_row_formula_and_skips_unused_slots():
+def test_linear_correction_matches_the_row_by_row_formula_and_skips_singletons_and_unused_slots():
     gen = torch.Generator().manual_seed(5)
     num_tokens, hidden, rank, num_experts = 7, 5, 2, 3
     x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
     centroids = torch.randn(4, hidden, generator=gen, dtype=torch.float64)
-    expert_C = torch.tensor([0, 1, 1, 2])
+    clusters = lsh.Clusters(torch.zeros(0, dtype=torch.long), torch.tensor([2, 3, 1, 2]),
+                            torch.tensor([1, 2, 1]))     # cluster 2 is a singleton
+    expert_C = lsh.expert_of_cluster(clusters)
     cluster_TK = torch.tensor([[0, 1], [2, 3], [1, 4], [3, 0], [4, 2], [0, 3], [2, 1]])
     gate_TK = torch.rand(num_tokens, 2, generator=gen, dtype=torch.float64)
     p = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
     b = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
-    out = lsh.linear_correction(x, centroids, cluster_TK, gate_TK, expert_C, p, b, rank)
+    out = lsh.linear_correction(x, centroids, cluster_TK, gate_TK, clusters, p, b, rank)
     expected = torch.zeros_like(x)
     for t in range(num_tokens):
         for j in range(2):
             c = int(cluster_TK[t, j])
-            if c == 4:                  # the dummy cluster: the slot sent nothing
+            if c in (2, 4):             # a singleton (x = c), or the dummy: sent nothing
                 continue
             e = int(expert_C[c])
             block = slice(e * rank, (e + 1) * rank)
@@ -483,23 +485,3 @@ def test_gradcheck_lsh_dispatch_path_with_linear_compensation(monkeypatch):
         return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
     assert torch.autograd.gradcheck(fn, (x, gates), eps=1e-6, atol=1e-6)
 
-
-def test_linear_compensation_with_singleton_clusters_equals_no_compression():
-    """Every row its own cluster: x - c = 0, so the correction and its gradient vanish."""
-    hidden, num_experts = 16, 4
-    experts = GroupedExperts(num_experts, hidden, 32, seed=5)
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(40, hidden, generator=gen)
-    routing = Routing(torch.rand(40, 2, generator=gen), torch.stack(
-        [torch.randint(0, 2, (40,), generator=gen), torch.randint(2, 4, (40,), generator=gen)],
-        1), None, None, None)
-    comp = _lsh(hidden, num_experts, num_hashes=10, rotation_dim=64, compensation="linear")
-    results = []
-    for compressor in (NoCompression(), comp):
-        x = x0.clone().requires_grad_()
-        y = _dispatch(x, routing, experts, compressor)
-        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
-        results.append((y.detach(), x.grad))
-        experts.zero_grad()
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -291,7 +291,7 @@ class LSHCompressor(Compressor):
                                                    ridge=lsh_ops.LINEAR_RIDGE)
             x_TH = timer.mark(rows.x_TH, "restore_bwd", "in")
             correction_TH = lsh_ops.linear_correction(x_TH, context.centroids_CH, cluster_TK,
-                                                      gate_TK, expert_C, p_HQ, b_HQ, rank)
+                                                      gate_TK, clusters, p_HQ, b_HQ, rank)
             out_TH = out_TH + timer.mark(correction_TH, "restore_bwd", "out")
             timer.lap("restore")
         if compensation:

@@ -293,15 +293,16 @@ def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
 
 
 def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK: torch.Tensor,
-                      gate_TK: torch.Tensor, expert_C: torch.Tensor, p_HQ: torch.Tensor,
+                      gate_TK: torch.Tensor, clusters: Clusters, p_HQ: torch.Tensor,
                       b_HQ: torch.Tensor, rank: int) -> torch.Tensor:
     """``[T, H]`` ``sum_j g_tj B_e P_e^T (x_t - c_tj)`` over the top-k slots (e: the slot's expert).
 
     Token-major, two matmuls with the ``[H, E*r]`` maps of :func:`linear_surrogates`:
     ``s = x P`` holds every expert's r coordinates of each token; each slot keeps its expert's
     block minus its centroid's, weighted by its gate, and ``W B^T`` sums the slots back into
-    tokens. Differentiable in x and the centroids (the maps are constants). A singleton's term
-    is zero (its centroid is its row); unused slots (the dummy cluster C, gate 0) add nothing.
+    tokens. Differentiable in x and the centroids (the maps are constants). Singletons (whose
+    centroid is their row) and unused slots (the dummy cluster C) get weight 0, so their term
+    and its gradient are exactly zero, not zero up to the rounding of ``x P - c P``.
     """
     num_tokens, topk = cluster_TK.shape
     num_clusters = centroids_CH.shape[0]
@@ -310,12 +311,14 @@ def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK
     s_TEr = (x_TH @ p_HQ).view(num_tokens, num_experts, rank)
     if num_clusters == 0:       # nothing was sent: a zero that is still connected to x
         return (s_TEr.reshape(num_tokens, -1) * 0) @ b_HQ.t()
+    expert_C = expert_of_cluster(clusters)
     expert_TK = torch.cat([expert_C, expert_C.new_zeros(1)])[cluster_TK]
     index_TKr = expert_TK.unsqueeze(-1).expand(num_tokens, topk, rank)
     q_CEr = (centroids_CH.to(x_TH.dtype) @ p_HQ).view(num_clusters, num_experts, rank)
     q_Cr = q_CEr[torch.arange(num_clusters, device=q_CEr.device), expert_C]
     q_Cr = torch.cat([q_Cr, q_Cr.new_zeros(1, rank)])
-    weight_TK = gate_TK.to(x_TH.dtype) * (cluster_TK < num_clusters).to(x_TH.dtype)
+    multi_C = torch.cat([clusters.rows_per_cluster > 1, torch.zeros(1, dtype=torch.bool, device=x_TH.device)])
+    weight_TK = gate_TK.to(x_TH.dtype) * multi_C[cluster_TK].to(x_TH.dtype)
     z_TKr = (s_TEr.gather(1, index_TKr) - q_Cr[cluster_TK]) * weight_TK.unsqueeze(-1)
     w_TEr = torch.zeros_like(s_TEr).scatter_add(1, index_TKr, z_TKr)
     return w_TEr.reshape(num_tokens, num_experts * rank) @ b_HQ.t()
