@@ -173,11 +173,16 @@ def test_fused_combine_equals_restore_then_weighted_sum(compensation):
     assert torch.allclose(fused, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("compensation", ["residual", "none"])
-def test_gradcheck_lsh_dispatch_path(compensation):
-    """float64 gradcheck of compress -> experts -> combine, w.r.t. tokens and gates."""
+@pytest.mark.parametrize("compensation", ["residual", "linear", "none"])
+def test_gradcheck_lsh_dispatch_path(compensation, monkeypatch):
+    """float64 gradcheck of compress -> experts -> combine, w.r.t. tokens and gates (linear
+    compensation with its fitted maps held fixed, as the backward treats them)."""
     torch.manual_seed(0)
     num_tokens, hidden, num_experts = 12, 6, 3
+    gen = torch.Generator().manual_seed(9)
+    maps = [torch.randn(hidden, num_experts * 8, generator=gen, dtype=torch.float64)
+            for _ in range(2)]
+    monkeypatch.setattr(lsh, "linear_surrogates", lambda *args, **kw: maps)
     experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
     comp = _lsh(hidden, num_experts, num_hashes=2, rotation_dim=1,
                          compensation=compensation)
@@ -464,24 +469,3 @@ def test_linear_correction_matches_the_row_by_row_formula_and_skips_singletons_a
             block = slice(e * rank, (e + 1) * rank)
             expected[t] += gate_TK[t, j] * ((x[t] - centroids[c]) @ p[:, block]) @ b[:, block].t()
     assert torch.allclose(out, expected, atol=1e-12)
-
-
-def test_gradcheck_lsh_dispatch_path_with_linear_compensation(monkeypatch):
-    """The backward differentiates the forward with the fitted maps held fixed."""
-    torch.manual_seed(0)
-    num_tokens, hidden, num_experts, rank = 12, 6, 3, 2
-    gen = torch.Generator().manual_seed(9)
-    maps = (torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64),
-            torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64))
-    monkeypatch.setattr(lsh, "linear_surrogates", lambda *args, **kw: maps)
-    experts = GroupedExperts(num_experts, hidden, 5, seed=2, params_dtype=torch.float64)
-    comp = _lsh(hidden, num_experts, num_hashes=2, rotation_dim=1, compensation="linear",
-                linear_rank=rank)
-    experts_TK = torch.stack([torch.arange(num_tokens) % 3, (torch.arange(num_tokens) + 1) % 3], 1)
-    x = torch.randn(num_tokens, hidden, dtype=torch.float64, requires_grad=True)
-    gates = torch.rand(num_tokens, 2, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, gates):
-        return _dispatch(x, Routing(gates, experts_TK, None, None, None), experts, comp)
-    assert torch.autograd.gradcheck(fn, (x, gates), eps=1e-6, atol=1e-6)
-
