@@ -102,8 +102,16 @@ def _download_plays(cache: str) -> list:
 
 # -- configurations -------------------------------------------------------------------------
 
-def row_configs(peer: bool) -> list:
-    """(label, json fields, MoEConfig overrides) for each table row."""
+def row_configs(peer: bool, only=None) -> list:
+    """(label, json fields, MoEConfig overrides) for each table row; with ``only``, the rows
+    whose label contains one of those strings, and ``none`` (the byte ratios' reference)."""
+    rows = _all_rows(peer)
+    if only:
+        rows = [r for r in rows if r[0] == "none" or any(o in r[0] for o in only)]
+    return rows
+
+
+def _all_rows(peer: bool) -> list:
     rows = [("none", dict(compressor="none"), compression("none"))]
     hashes = (6,) if peer else (2, 4, 6, 8, 10)
     for L in hashes:
@@ -111,12 +119,17 @@ def row_configs(peer: bool) -> list:
                      compression("lsh", num_hashes=L)))
     rows.append(("lsh L=6 no-comp", dict(compressor="lsh", num_hashes=6, compensation=False),
                  compression("lsh", num_hashes=6, compensation="none")))
+    rows.append(("lsh L=6 linear", dict(compressor="lsh", num_hashes=6, compensation=True),
+                 compression("lsh", num_hashes=6, compensation="linear")))
     if not peer:
         for rate in (0.05, 0.1, 0.2):
             rows.append((f"lsh target {rate} scaled",
                          dict(compressor="lsh", target_rate=rate, compensation=True),
                          compression("lsh", num_hashes=0, target_rate=rate,
                                      compensation="scaled")))
+        rows.append(("lsh target 0.1 linear",
+                     dict(compressor="lsh", target_rate=0.1, compensation=True),
+                     compression("lsh", num_hashes=0, target_rate=0.1, compensation="linear")))
         rows.append(("lsh target 0.1 scaled fp8",
                      dict(compressor="lsh", target_rate=0.1, compensation=True, wire="fp8"),
                      compression("lsh", num_hashes=0, target_rate=0.1, compensation="scaled",
@@ -220,7 +233,7 @@ def worker(rank, world, args, states_path):
                      add_bias=not args["no_bias"], seed=1234, timing=True)
     weights = torch.randn(x_TH.shape, generator=torch.Generator().manual_seed(rank))
     variants = []
-    for label, fields, overrides in row_configs(args["peer"]):
+    for label, fields, overrides in row_configs(args["peer"], args["rows"]):
         cfg = MoEConfig(**base, **overrides)
         compressor = build_compressor(cfg, args["hidden"], seed=1234)
         if fields.get("impl") == "megatron_core_reimpl":
@@ -279,10 +292,10 @@ def worker(rank, world, args, states_path):
 
 # -- report ---------------------------------------------------------------------------------
 
-def summarise(per_rank: list, peer: bool) -> dict:
+def summarise(per_rank: list, peer: bool, only=None) -> dict:
     """Medians over repetitions, sums / means over ranks: the report (see the module doc)."""
     rows = []
-    for label, fields, _ in row_configs(peer):
+    for label, fields, _ in row_configs(peer, only):
         reps = [r["results"][label] for r in per_rank]
         ms = statistics.median(rep["ms"] for rep in reps[0])
         shares = [statistics.mean(rank_reps[i]["overhead_ms"] / rank_reps[i]["own_ms"]
@@ -384,13 +397,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", metavar="TEXT",
+                        help="only the rows whose label contains one of these (and none)")
     parser.add_argument("--corpus", help="text file or folder of .txt files")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "out"))
     parser.add_argument("--timeout", type=float, default=3600)
     a = parser.parse_args(argv)
     defaults = (dict(world=2, tokens=2048, hidden=256, ffn=1024, no_bias=True) if a.peer else
                 dict(world=4, tokens=4096, hidden=1024, ffn=4096, no_bias=False))
-    args = dict(defaults, experts=a.experts, topk=a.topk, repeats=a.repeats, peer=a.peer)
+    args = dict(defaults, experts=a.experts, topk=a.topk, repeats=a.repeats, peer=a.peer,
+                rows=a.rows)
     for key in ("world", "tokens", "hidden", "ffn"):
         if getattr(a, key) is not None:
             args[key] = getattr(a, key)
@@ -401,7 +417,7 @@ def main(argv=None) -> dict:
         path = os.path.join(tmp, "states.pt")
         torch.save(states, path)
         per_rank = run_distributed(worker, args["world"], args, path, timeout=a.timeout)
-    report = summarise(per_rank, args["peer"])
+    report = summarise(per_rank, args["peer"], args["rows"])
     report["config"] = args
     stem = os.path.join(a.out, "moe_layer_peer" if a.peer else "moe_layer")
     plot_path = stem + ".png"
