@@ -311,8 +311,8 @@ def init_process_group(backend: str, **kwargs) -> None:
     which are evaluated when the module is first imported: imported while a default group
     exists, its functions keep that group (and its gloo threads) alive past
     ``destroy_process_group``, invisibly to the garbage collector (a tuple of pybind objects is
-    not tracked). ``torch._dynamo`` imports it, and ``torch.optim`` imports ``torch._dynamo``
-    at the first optimizer call. Imported before any group exists (10 ms), the defaults are
+    not tracked). ``torch._dynamo`` imports it, and building the first ``torch.optim``
+    optimizer imports ``torch._dynamo``. Imported before any group exists (10 ms), the defaults are
     None and hold nothing.
     """
     import torch.distributed.nn  # noqa: F401

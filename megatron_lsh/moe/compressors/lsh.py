@@ -5,9 +5,8 @@ the cluster centroids cross the all-to-all, in the forward and, as their gradien
 backward; the pure functions are in :mod:`.lsh_ops`. Each row's output is rebuilt from its
 centroid's expert output, with residual compensation ``E(c) + (x - c)``, scaled compensation
 ``E(c) + alpha_e (x - c)``, first-order (linear) compensation ``E(c) + B_e P_e^T (x - c)`` or
-none (``E(c)``). The rotations are buffers (saved in the state
-dict, identical on every rank, optionally redrawn every N iterations through
-``set_iteration``).
+none (``E(c)``). The rotations are buffers (saved in the state dict, identical on every rank,
+optionally redrawn every N iterations through ``set_iteration``).
 
 Two modes set how many centroids are sent: fixed L (the paper: one centroid per non-empty
 bucket, so the byte count is an outcome that drifts with the data), or a target rate R:
@@ -63,9 +62,9 @@ class LSHOptions:
         "none", "--moe-lsh-compensation", "How a row is rebuilt from its centroid c: none "
         "E(c); residual E(c) + (x - c) (the paper's; measured to over-correct: +6.7%% "
         "validation loss on the small GPT-MoE); scaled E(c) + alpha_e (x - c) with alpha_e the "
-        "expert's slope estimated from the sender's own centroids; linear E(c) + B_e P_e^T (x - c), "
-        "a rank-r linear model of each expert fitted on the same centroids "
-        "(--moe-lsh-linear-rank).",
+        "expert's slope estimated from the sender's own centroids; linear "
+        "E(c) + B_e P_e^T (x - c), a rank-r linear model of each expert fitted on the same "
+        "centroids (--moe-lsh-linear-rank).",
         choices=COMPENSATIONS, aliases={"--moe-lsh-no-compensation": "none"})
     linear_rank: int = setting(8, "--moe-lsh-linear-rank",
                                "Rank r of each expert's linear model (compensation linear).")

@@ -287,9 +287,8 @@ def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
                     p_EHr[e, :, :r] = vh_kH[:r].t()
                     b_EHr[e, :, :r] = (dy_nH.t() @ u_nk[:, :r]) * shrink_r
             start += n
-        def flat(t_EHr):
-            return t_EHr.permute(1, 0, 2).reshape(hidden, num_experts * rank)
-        return flat(p_EHr), flat(b_EHr)
+        return tuple(t_EHr.permute(1, 0, 2).reshape(hidden, num_experts * rank)
+                     for t_EHr in (p_EHr, b_EHr))
 
 
 def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK: torch.Tensor,
@@ -317,8 +316,8 @@ def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK
     q_CEr = (centroids_CH.to(x_TH.dtype) @ p_HQ).view(num_clusters, num_experts, rank)
     q_Cr = q_CEr[torch.arange(num_clusters, device=q_CEr.device), expert_C]
     q_Cr = torch.cat([q_Cr, q_Cr.new_zeros(1, rank)])
-    multi_C = torch.cat([clusters.rows_per_cluster > 1, torch.zeros(1, dtype=torch.bool, device=x_TH.device)])
-    weight_TK = gate_TK.to(x_TH.dtype) * multi_C[cluster_TK].to(x_TH.dtype)
+    multi_C = (clusters.rows_per_cluster > 1).to(x_TH.dtype)
+    weight_TK = gate_TK.to(x_TH.dtype) * torch.cat([multi_C, multi_C.new_zeros(1)])[cluster_TK]
     z_TKr = (s_TEr.gather(1, index_TKr) - q_Cr[cluster_TK]) * weight_TK.unsqueeze(-1)
     w_TEr = torch.zeros_like(s_TEr).scatter_add(1, index_TKr, z_TKr)
     return w_TEr.reshape(num_tokens, num_experts * rank) @ b_HQ.t()
