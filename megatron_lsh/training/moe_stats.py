@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 MOE_STAT_FIELDS = ("rows", "sent_rows", "bytes_fwd", "bytes_bwd", "aux_loss", "present",
-                   "mean_cosine", "residual_energy", "lossy")
-"""Summed per MoE layer over micro-batches and ranks; the last three: the distortion of what
-a lossy compressor sent (its ``mean_cosine`` / ``residual_energy`` statistics) and how many
-forwards reported them."""
+                   "mean_cosine", "residual_energy", "residual_variance", "lossy")
+"""Summed per MoE layer over micro-batches and ranks; the last four: the distortion of what
+a lossy compressor sent (its ``mean_cosine`` / ``residual_energy`` / ``residual_variance``
+statistics) and how many forwards reported them."""
 STEP_TIMERS = ("forward_backward", "grad_sync", "optimizer", "moe_a2a", "moe_experts",
                "moe_compression")
 """Per-iteration stage timers (``--timing-log-level`` >= 1), ms, mean over ranks:
@@ -59,13 +59,15 @@ class StepMoEStats:
                                              float(layer.last_aux_loss), 1.0,
                                              s.mean_cosine if lossy else 0.0,
                                              float(s.extra["residual_energy"]) if lossy else 0.0,
+                                             float(s.extra["residual_variance"]) if lossy else 0.0,
                                              float(lossy)], dtype=torch.float64)
             if self.timing:
                 self._timed.append(s)  # its backward times arrive later
 
     def reduce(self, device: torch.device) -> list:
         """Per MoE layer over all ranks: compression rate, bytes (summed), mean aux loss, and
-        (lossy compressors) the mean cosine and residual energy of rows to what was sent."""
+        (lossy compressors) the mean cosine, residual energy and residual variance of rows to
+        what was sent."""
         if self.num_layers == 0:
             return []
         acc = self.acc
@@ -73,12 +75,14 @@ class StepMoEStats:
             acc = acc.to(device)
             dist.all_reduce(acc)
         out = []
-        for rows, sent, bfwd, bbwd, aux, present, cos, energy, lossy in acc.cpu().tolist():
+        for rows, sent, bfwd, bbwd, aux, present, cos, energy, variance, lossy in (
+                acc.cpu().tolist()):
             layer = {"compression_rate": sent / rows if rows else 1.0,
                      "bytes_fwd": int(bfwd), "bytes_bwd": int(bbwd),
                      "aux_loss": aux / present if present else 0.0}
             if lossy:
-                layer.update(mean_cosine=cos / lossy, residual_energy=energy / lossy)
+                layer.update(mean_cosine=cos / lossy, residual_energy=energy / lossy,
+                             residual_variance=variance / lossy)
             out.append(layer)
         return out
 

@@ -374,6 +374,31 @@ def test_target_rate_has_less_residual_than_hashing_at_the_same_rate():
     assert energy[1] < 0.8 * energy[0], energy
 
 
+def test_residual_variance_is_not_flattered_by_a_direction_all_rows_share():
+    """Rows = a large common vector + small token-specific parts: one cluster per expert keeps
+    almost all the energy (cos ~ 1) but loses all the spread (variance 1); singletons lose
+    nothing; the variance matches its definition with the experts' own means."""
+    gen = torch.Generator().manual_seed(2)
+    x = 50.0 + torch.randn(90, 8, generator=gen)
+    experts = torch.sort(torch.randint(0, 3, (90,), generator=gen)).values
+    one_each = lsh.Clusters(experts.clone(), torch.bincount(experts, minlength=3),
+                            torch.ones(3, dtype=torch.long))
+    cos, energy, variance = lsh.distortion(x, torch.arange(90), lsh.segment_mean(x, one_each),
+                                           one_each)
+    assert float(cos) > 0.999 and float(energy) < 1e-3
+    assert abs(float(variance) - 1.0) < 1e-5
+    singletons = lsh.Clusters(torch.arange(90), torch.ones(90, dtype=torch.long),
+                              torch.bincount(experts, minlength=3))
+    assert float(lsh.distortion(x, torch.arange(90), x, singletons)[2]) == 0.0
+    halves = lsh.Clusters(experts * 2 + (torch.arange(90) % 2), None, None)
+    halves = lsh.Clusters(halves.cluster_of_row, torch.bincount(halves.cluster_of_row),
+                          torch.full((3,), 2))
+    c = lsh.segment_mean(x, halves)
+    means = torch.stack([x[experts == e].mean(0) for e in range(3)])
+    expected = (x - c[halves.cluster_of_row]).square().sum() / (x - means[experts]).square().sum()
+    assert torch.allclose(lsh.distortion(x, torch.arange(90), c, halves)[2], expected, rtol=1e-5)
+
+
 def test_wire_dtype_stacks_fp8_under_lsh():
     x = torch.randn(64, 16)
     sizes = []

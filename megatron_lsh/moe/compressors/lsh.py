@@ -301,11 +301,13 @@ class LSHCompressor(Compressor):
         return out_TH
 
     def statistics(self, context):
-        """Mean cosine and relative residual energy ``|x - c|^2 / |x|^2`` of rows to their
-        centroids, and the mean scaled-compensation slope (0-dim tensors; reading syncs)."""
-        cos, energy = lsh_ops.distortion(context.rows.x_TH, context.rows.token_of_row_R,
-                                         context.centroids_CH, context.clusters)
-        out = {"mean_cosine": cos, "residual_energy": energy}
+        """Mean cosine, residual energy ``|x - c|^2 / |x|^2`` and residual variance
+        ``|x - c|^2 / |x - m_e|^2`` of rows to their centroids (:func:`lsh_ops.distortion`),
+        and the mean scaled-compensation slope (0-dim tensors; reading syncs)."""
+        cos, energy, variance = lsh_ops.distortion(context.rows.x_TH,
+                                                   context.rows.token_of_row_R,
+                                                   context.centroids_CH, context.clusters)
+        out = {"mean_cosine": cos, "residual_energy": energy, "residual_variance": variance}
         if context.alpha_E is not None:
             present = (context.clusters.centroids_per_expert > 1).to(context.alpha_E.dtype)
             out["compensation_alpha"] = ((context.alpha_E * present).sum()

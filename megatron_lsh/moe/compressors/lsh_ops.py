@@ -378,24 +378,37 @@ class AddScaledTokens(torch.autograd.Function):
 
 
 def distortion(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
-               clusters: Clusters, max_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cosine, relative residual energy ``sum |x - c|^2 / sum |x|^2``) of the rows
-    (``x_TH[token_of_row]``) to their centroids, as 0-dim tensors (no sync, no autograd).
+               clusters: Clusters, max_rows: int = 2048
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cosine, residual energy, residual variance) of the rows (``x_TH[token_of_row]``)
+    to their centroids, as 0-dim tensors (no sync, no autograd).
 
-    Exact up to ``max_rows`` rows; beyond that both are estimated from the same ``max_rows``
-    evenly spaced rows, so the statistics stay cheap next to the layer. Unlike the cosine, the
-    residual energy is not inflated by a direction all rows share.
+    Residual energy is ``sum |x - c|^2 / sum |x|^2``; residual variance is
+    ``sum |x - c|^2 / sum |x - m_e|^2`` with ``m_e`` the mean of expert e's rows: the share of
+    the rows' spread around their expert's mean that the centroids lose (0: lossless, 1: as
+    much as sending one mean per expert). Both the cosine and the energy are flattered by a
+    direction all rows share (its energy sits in the denominator); the variance is not.
+    Exact up to ``max_rows`` rows; beyond that all three are estimated from the same
+    ``max_rows`` evenly spaced rows, so the statistics stay cheap next to the layer.
     """
     with torch.no_grad():
         rows = token_of_row_R.shape[0]
         if rows == 0:
-            return torch.ones((), device=x_TH.device), torch.zeros((), device=x_TH.device)
+            zero = torch.zeros((), device=x_TH.device)
+            return torch.ones((), device=x_TH.device), zero, zero.clone()
         idx_S = torch.linspace(0, rows - 1, min(rows, max_rows), device=x_TH.device).long()
-        c_SH = centroids_CH.index_select(0, clusters.cluster_of_row.index_select(0, idx_S))
+        cluster_S = clusters.cluster_of_row.index_select(0, idx_S)
+        c_SH = centroids_CH.index_select(0, cluster_S).float()
         x_SH = x_TH.index_select(0, token_of_row_R.index_select(0, idx_S)).float()
-        c_SH = c_SH.float()
         cos = torch.nn.functional.cosine_similarity(x_SH, c_SH, dim=-1).mean()
-        return cos, (x_SH - c_SH).square().sum() / x_SH.square().sum().clamp_min(1e-30)
+        sse = (x_SH - c_SH).square().sum()
+        expert_S = expert_of_cluster(clusters).index_select(0, cluster_S)
+        num_experts = clusters.centroids_per_expert.numel()
+        count_E = torch.bincount(expert_S, minlength=num_experts).clamp_min(1).to(x_SH.dtype)
+        mean_EH = x_SH.new_zeros((num_experts, x_SH.shape[1])).index_add_(0, expert_S, x_SH)
+        spread = (x_SH - (mean_EH / count_E.unsqueeze(1)).index_select(0, expert_S)).square().sum()
+        return (cos, sse / x_SH.square().sum().clamp_min(1e-30),
+                torch.where(spread > 0, sse / spread.clamp_min(1e-30), torch.zeros_like(sse)))
 
 
 def mean_cosine(x_TH: torch.Tensor, token_of_row_R: torch.Tensor, centroids_CH: torch.Tensor,
