@@ -119,9 +119,10 @@ def _plot(rows: list, path: Path, compensation: str) -> None:
     ax1.set(xlabel="number of hashes L (m = 1)", ylabel="valid loss vs dense (%)",
             title=f"compensation {compensation}")
     ax1b.set(ylabel="compression rate")
-    family = [r for r in rows if r["variant"][4:].startswith(tuple(FAMILIES))]
-    ax2.bar([r["variant"][4:12] for r in family], [100 * r["vs_dense"] for r in family])
-    for i, r in enumerate(family):
+    family = [(tag, r) for r in rows for tag in FAMILIES
+              if r["variant"].startswith(f"lsh-{tag}")]
+    ax2.bar([tag for tag, _ in family], [100 * r["vs_dense"] for _, r in family])
+    for i, (_, r) in enumerate(family):
         ax2.annotate(f"rate {r['compression_rate']:.3f}", (i, 100 * r["vs_dense"]),
                      ha="center", fontsize=8)
     ax2.set(ylabel="valid loss vs dense (%)", title="64 buckets per expert")

@@ -312,8 +312,8 @@ def init_process_group(backend: str, **kwargs) -> None:
     exists, its functions keep that group (and its gloo threads) alive past
     ``destroy_process_group``, invisibly to the garbage collector (a tuple of pybind objects is
     not tracked). ``torch._dynamo`` imports it, and building the first ``torch.optim``
-    optimizer imports ``torch._dynamo``. Imported before any group exists (10 ms), the defaults are
-    None and hold nothing.
+    optimizer imports ``torch._dynamo``. Imported before any group exists (10 ms), the
+    defaults are None and hold nothing.
     """
     import torch.distributed.nn  # noqa: F401
     global _collective_timeout

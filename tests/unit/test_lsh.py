@@ -483,7 +483,8 @@ def test_linear_correction_matches_the_row_by_row_formula_and_skips_singletons_a
     gate_TK = torch.rand(num_tokens, 2, generator=gen, dtype=torch.float64)
     p = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
     b = torch.randn(hidden, num_experts * rank, generator=gen, dtype=torch.float64)
-    out = lsh.linear_correction(x, centroids, cluster_TK, gate_TK, clusters, p, b, rank)
+    out = lsh.linear_correction(x, centroids, cluster_TK, gate_TK, clusters, expert_C, p, b,
+                                rank)
     expected = torch.zeros_like(x)
     for t in range(num_tokens):
         for j in range(2):

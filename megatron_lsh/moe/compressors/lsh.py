@@ -286,11 +286,11 @@ class LSHCompressor(Compressor):
             expert_C = lsh_ops.expert_of_cluster(clusters)
             p_HQ, b_HQ = lsh_ops.linear_surrogates(context.centroids_CH.detach(),
                                                    expert_out_PH.detach(), expert_C,
-                                                   self.num_experts, rank,
-                                                   ridge=lsh_ops.LINEAR_RIDGE)
+                                                   self.num_experts, rank)
             x_TH = timer.mark(rows.x_TH, "restore_bwd", "in")
             correction_TH = lsh_ops.linear_correction(x_TH, context.centroids_CH, cluster_TK,
-                                                      gate_TK, clusters, p_HQ, b_HQ, rank)
+                                                      gate_TK, clusters, expert_C, p_HQ,
+                                                      b_HQ, rank)
             out_TH = out_TH + timer.mark(correction_TH, "restore_bwd", "out")
             timer.lap("restore")
         if compensation:

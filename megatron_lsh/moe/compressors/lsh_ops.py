@@ -257,7 +257,7 @@ LINEAR_RIDGE = 0.01
 
 def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
                       expert_C: torch.Tensor, num_experts: int, rank: int,
-                      ridge: float = LINEAR_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+                      ridge: float = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_HQ, B_HQ)``, ``Q = E * rank``: a rank-``rank`` linear model of each expert (no grad).
 
     Fitted per expert e on the sender's own centroids and their returned outputs: with
@@ -266,8 +266,9 @@ def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
     ``B_e = dy^T U_r diag(S_r / (S_r^2 + ridge * S_1^2))``, the ridge regression of dy on
     ``dc P_e``; so ``E(x) ~ E(c) + B_e P_e^T (x - c)`` for x near c. Column block e of P and B
     belongs to expert e; the block is zero where e has fewer than two clusters (and unused
-    columns where it has fewer than ``rank + 1``).
+    columns where it has fewer than ``rank + 1``). ``ridge``: default ``LINEAR_RIDGE``.
     """
+    ridge = LINEAR_RIDGE if ridge is None else ridge
     with torch.no_grad():
         hidden = centroids_CH.shape[1]
         acc = torch.promote_types(centroids_CH.dtype, torch.float32)
@@ -292,10 +293,11 @@ def linear_surrogates(centroids_CH: torch.Tensor, expert_out_CH: torch.Tensor,
 
 
 def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK: torch.Tensor,
-                      gate_TK: torch.Tensor, clusters: Clusters, p_HQ: torch.Tensor,
-                      b_HQ: torch.Tensor, rank: int) -> torch.Tensor:
+                      gate_TK: torch.Tensor, clusters: Clusters, expert_C: torch.Tensor,
+                      p_HQ: torch.Tensor, b_HQ: torch.Tensor, rank: int) -> torch.Tensor:
     """``[T, H]`` ``sum_j g_tj B_e P_e^T (x_t - c_tj)`` over the top-k slots (e: the slot's expert).
 
+    ``expert_C``: :func:`expert_of_cluster` of ``clusters`` (the caller has it already).
     Token-major, two matmuls with the ``[H, E*r]`` maps of :func:`linear_surrogates`:
     ``s = x P`` holds every expert's r coordinates of each token; each slot keeps its expert's
     block minus its centroid's, weighted by its gate, and ``W B^T`` sums the slots back into
@@ -310,7 +312,6 @@ def linear_correction(x_TH: torch.Tensor, centroids_CH: torch.Tensor, cluster_TK
     s_TEr = (x_TH @ p_HQ).view(num_tokens, num_experts, rank)
     if num_clusters == 0:       # nothing was sent: a zero that is still connected to x
         return (s_TEr.reshape(num_tokens, -1) * 0) @ b_HQ.t()
-    expert_C = expert_of_cluster(clusters)
     expert_TK = torch.cat([expert_C, expert_C.new_zeros(1)])[cluster_TK]
     index_TKr = expert_TK.unsqueeze(-1).expand(num_tokens, topk, rank)
     q_CEr = (centroids_CH.to(x_TH.dtype) @ p_HQ).view(num_clusters, num_experts, rank)
