@@ -7,12 +7,13 @@ tenth of the peak, so the loss has flattened by the end), and reports for each v
 final validation loss (16 fixed batches) and its a2a bytes per iteration as a fraction of the
 dense (``none``) run's:
 
-* ``none``, ``cast-bf16``, ``cast-fp8``: the baselines;
+* ``none``, ``cast-bf16``, ``cast-fp8``: the baselines; ``cast-bf16c`` / ``cast-fp8c``: the
+  same as deviations from each expert's mean row (``--moe-cast-dtype fp8-centered``);
 * ``lsh-L{4,6,8,10}`` (residual compensation, the paper), ``...-nocomp``, ``...-scaled`` and
   ``...-linear`` (first-order): fixed-L LSH;
 * ``target-R-{none,scaled,residual,linear}``: exactly ceil(R x rows) centroids per expert,
   error-driven splits from one cluster per expert, with each compensation;
-* ``...-fp8``: stacked, the centroids travel as fp8;
+* ``...-fp8`` / ``...-fp8c``: stacked, the centroids travel as fp8 (centred);
 * ``...-skip1`` / ``...-skip1fp8`` (with ``--moe-first``): layer 1 is left uncompressed / cast
   to fp8 (``--moe-a2a-compression-skip-layers 1``), the rest as the variant says.
 
@@ -44,7 +45,9 @@ def _variants() -> dict:
     lsh = ["--moe-a2a-compression", "lsh"]
     out = {"none": ["--moe-a2a-compression", "none"],
            "cast-bf16": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "bf16"],
-           "cast-fp8": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"]}
+           "cast-fp8": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8"],
+           "cast-bf16c": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "bf16-centered"],
+           "cast-fp8c": ["--moe-a2a-compression", "cast", "--moe-cast-dtype", "fp8-centered"]}
     for L in (4, 6, 8, 10):
         out[f"lsh-L{L}"] = lsh + ["--moe-lsh-num-hashes", str(L),
                                   "--moe-lsh-compensation", "residual"]
@@ -61,6 +64,8 @@ def _variants() -> dict:
                               "--moe-lsh-compensation", comp]
             out[f"target-{rate}-{comp}"] = target("0")
             out[f"target-{rate}-{comp}-fp8"] = target("0") + ["--moe-lsh-wire-dtype", "fp8"]
+            out[f"target-{rate}-{comp}-fp8c"] = target("0") + ["--moe-lsh-wire-dtype",
+                                                               "fp8-centered"]
             out[f"target-{rate}-{comp}-lshinit"] = target("6")
     skip = ["--moe-a2a-compression-skip-layers", "1"]
     for name in [n for n in out if n.startswith(("lsh-", "target-"))]:

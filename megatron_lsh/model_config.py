@@ -238,8 +238,8 @@ class MoEConfig:
     a2a_compression_skip_dtype: str = setting(
         "none", "--moe-a2a-compression-skip-dtype",
         "Wire format of the layers --moe-a2a-compression-skip-layers names: none sends their "
-        "rows as they are, bf16 / fp8 cast them (the cast compressor).",
-        choices=("none", "bf16", "fp8"))
+        "rows as they are, the others cast them (the cast compressor's --moe-cast-dtype).",
+        choices=("none", "bf16", "fp8", "bf16-centered", "fp8-centered"))
 
     @property
     def enabled(self) -> bool:

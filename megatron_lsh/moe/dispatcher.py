@@ -39,7 +39,7 @@ from megatron_lsh.moe.router import Routing
 from megatron_lsh.moe.stats import MoEStats, StageTimer
 from megatron_lsh.parallel.all_to_all import (all_to_all, exchange_counts, gather_rows_from_tp,
                                               group_rank, group_size, split_rows_to_tp,
-                                              tp_row_shares, tp_share_sizes)
+                                              tp_row_shares, tp_share_sizes, wire_rows)
 
 
 @dataclass
@@ -52,6 +52,8 @@ class DispatchState:
     output_splits: list
     recv_counts: Optional[list] = None
     """Rows received per (source rank s, local expert e), at index ``s * X + e``."""
+    send_counts: Optional[list] = None
+    """Rows sent per (destination rank d, its local expert e), at index ``d * X + e``."""
     tp_shares: Optional[list] = None
     """With a TP-shared payload: the payload rows of each TP rank."""
 
@@ -112,12 +114,14 @@ class AllToAllDispatcher:
         # One device-to-host transfer for everything the host needs: the all-to-all splits
         # and the received rows per (source rank, local expert).
         counts = torch.cat([send_counts_GX.sum(1), recv_counts_GX.sum(1),
-                            recv_counts_GX.reshape(-1)]).tolist()
+                            recv_counts_GX.reshape(-1), send_counts_GX.reshape(-1)]).tolist()
         state.input_splits, state.output_splits = counts[:g], counts[g:2 * g]
-        state.recv_counts = counts[2 * g:]
+        cells = g * self.num_local_experts
+        state.recv_counts = counts[2 * g:2 * g + cells]
+        state.send_counts = counts[2 * g + cells:]
         payload_PH = timer.mark(payload_PH, "a2a_bwd", "in")
         recv_MH = all_to_all(payload_PH, state.output_splits, state.input_splits, self.group,
-                             self.codec)
+                             self.codec, state.recv_counts, state.send_counts)
         recv_MH = timer.mark(recv_MH, "a2a_bwd", "out")
         timer.lap("a2a")
         return recv_MH
@@ -152,7 +156,7 @@ class AllToAllDispatcher:
         """Step 6: the reverse all-to-all."""
         out_MH = timer.mark(out_MH, "a2a_bwd", "in")
         back_PH = all_to_all(out_MH, state.input_splits, state.output_splits, self.group,
-                             self.codec)
+                             self.codec, state.send_counts, state.recv_counts)
         back_PH = timer.mark(back_PH, "a2a_bwd", "out")
         timer.lap("a2a")
         return back_PH
@@ -234,6 +238,11 @@ class AllToAllDispatcher:
         hidden, dtype = payload_PH.shape[1], payload_PH.dtype
         codec = self.codec
         row_bytes = codec.row_bytes(hidden, dtype) if codec else hidden * payload_PH.element_size()
+        # Wire rows per peer, with the codec's per-(peer, expert) header rows.
+        x = self.num_local_experts
+        sent = [wire_rows(codec, state.send_counts[r * x:(r + 1) * x]) for r in range(len(sent))]
+        received = [wire_rows(codec, state.recv_counts[r * x:(r + 1) * x])
+                    for r in range(len(received))]
         me = self.ep_rank
         rows_out = sum(sent) - sent[me] + sum(received) - received[me]
         rows_all = sum(sent) + sum(received)

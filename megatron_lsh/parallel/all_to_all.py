@@ -35,61 +35,94 @@ def group_rank(group: Optional[dist.ProcessGroup]) -> int:
 
 
 class WireCodec(Protocol):
-    """How rows are encoded for the wire; applied to activations and to their gradients."""
+    """How rows are encoded for the wire; applied to activations and to their gradients.
 
-    def encode(self, x_PH: torch.Tensor) -> torch.Tensor:
-        """Rows -> wire tensor with the same first dimension P (any dtype gloo/NCCL can send)."""
+    ``segments``: row counts of consecutive runs of rows that belong together (per destination
+    and expert), summing to P; a codec may send ``header_rows`` extra rows per non-empty
+    segment (e.g. the segment's mean).
+    """
 
-    def decode(self, wire_P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Wire tensor -> rows of ``dtype``."""
+    header_rows: int
+
+    def encode(self, x_PH: torch.Tensor, segments: Sequence[int]) -> torch.Tensor:
+        """Rows -> wire tensor of ``wire_rows(self, segments)`` rows (any dtype gloo/NCCL can
+        send)."""
+
+    def decode(self, wire_W: torch.Tensor, segments: Sequence[int],
+               dtype: torch.dtype) -> torch.Tensor:
+        """Wire tensor -> the ``sum(segments)`` rows, of ``dtype``."""
 
     def row_bytes(self, hidden: int, dtype: torch.dtype) -> int:
         """Bytes one encoded row of width ``hidden`` takes on the wire."""
 
 
+def wire_rows(codec: Optional[WireCodec], segments: Sequence[int]) -> int:
+    """Rows ``segments`` take on the wire under ``codec`` (None: no codec), headers included."""
+    header = getattr(codec, "header_rows", 0) if codec is not None else 0
+    return int(sum(segments)) + header * sum(1 for count in segments if count > 0)
+
+
+def _wire_splits(codec: Optional[WireCodec], splits: Sequence[int],
+                 segments: Sequence[int]) -> list:
+    """Wire rows per peer: ``segments`` divide each split into equally many runs."""
+    per_peer = len(segments) // max(len(splits), 1)
+    return [wire_rows(codec, segments[r * per_peer:(r + 1) * per_peer])
+            for r in range(len(splits))]
+
+
 def _exchange(x_PH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
-              group: Optional[dist.ProcessGroup], codec: Optional[WireCodec]) -> torch.Tensor:
+              group: Optional[dist.ProcessGroup], codec: Optional[WireCodec],
+              output_segments: Sequence[int], input_segments: Sequence[int]) -> torch.Tensor:
     """One all-to-all of (encoded) rows; no autograd."""
     dtype = x_PH.dtype
-    wire = codec.encode(x_PH) if codec is not None else x_PH
+    wire = codec.encode(x_PH, input_segments) if codec is not None else x_PH
     if group_size(group) > 1:
         wire = wire.contiguous()
-        out = wire.new_empty((int(sum(output_splits)),) + tuple(wire.shape[1:]))
-        dist.all_to_all_single(out, wire, list(output_splits), list(input_splits), group=group)
+        recv_splits = _wire_splits(codec, output_splits, output_segments)
+        out = wire.new_empty((int(sum(recv_splits)),) + tuple(wire.shape[1:]))
+        dist.all_to_all_single(out, wire, recv_splits,
+                               _wire_splits(codec, input_splits, input_segments), group=group)
     else:
         out = wire
-    return codec.decode(out, dtype) if codec is not None else out
+    return codec.decode(out, output_segments, dtype) if codec is not None else out
 
 
 class _AllToAll(torch.autograd.Function):
     """Variable all-to-all; the backward sends gradients back along the same routes."""
 
     @staticmethod
-    def forward(ctx, x_PH, output_splits, input_splits, group, codec):
-        ctx.splits = (list(output_splits), list(input_splits))
+    def forward(ctx, x_PH, output_splits, input_splits, group, codec, output_segments,
+                input_segments):
+        ctx.splits = (output_splits, input_splits, output_segments, input_segments)
         ctx.group, ctx.codec = group, codec
-        return _exchange(x_PH, output_splits, input_splits, group, codec)
+        return _exchange(x_PH, output_splits, input_splits, group, codec, output_segments,
+                         input_segments)
 
     @staticmethod
     def backward(ctx, grad_MH):
-        output_splits, input_splits = ctx.splits
+        output_splits, input_splits, output_segments, input_segments = ctx.splits
         # Swapped: what this rank received in the forward it now sends back as gradient.
         grad_PH = _exchange(grad_MH.contiguous(), input_splits, output_splits, ctx.group,
-                            ctx.codec)
-        return grad_PH, None, None, None, None
+                            ctx.codec, input_segments, output_segments)
+        return grad_PH, None, None, None, None, None, None
 
 
 def all_to_all(x_PH: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
-               group: Optional[dist.ProcessGroup], codec: Optional[WireCodec] = None
-               ) -> torch.Tensor:
+               group: Optional[dist.ProcessGroup], codec: Optional[WireCodec] = None,
+               output_segments: Optional[Sequence[int]] = None,
+               input_segments: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Send ``input_splits[r]`` consecutive rows of ``x_PH`` to rank r; receive ``output_splits``.
 
-    Differentiable (backward = the reverse exchange). Without a group and codec it returns
-    ``x_PH`` itself.
+    Differentiable (backward = the reverse exchange). ``input_segments`` / ``output_segments``
+    divide every split into the same number of runs (per expert) for the codec; default: one
+    run per split. Without a group and codec it returns ``x_PH`` itself.
     """
     if group_size(group) == 1 and codec is None:
         return x_PH
-    return _AllToAll.apply(x_PH, list(output_splits), list(input_splits), group, codec)
+    output_segments = list(output_splits if output_segments is None else output_segments)
+    input_segments = list(input_splits if input_segments is None else input_segments)
+    return _AllToAll.apply(x_PH, list(output_splits), list(input_splits), group, codec,
+                           output_segments, input_segments)
 
 
 def exchange_counts(send_counts_RK: torch.Tensor,

@@ -2,7 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from megatron_lsh.moe.compressors.codecs import Bf16Codec
+from megatron_lsh.moe.compressors.codecs import CODECS, Bf16Codec
 from megatron_lsh.parallel.all_to_all import (all_to_all, exchange_counts, gather_from_tp,
                                               split_to_tp)
 from megatron_lsh.parallel.spawn import run_distributed
@@ -30,7 +30,22 @@ def worker(rank, world):
     yb = all_to_all(xb, output_splits, input_splits, group, Bf16Codec())
     (yb * 1.5).sum().backward()
     out["bf16"] = (yb.dtype, xb.grad.dtype, float(xb.grad.sum()))
-    # 4. TP split then gather of 5 replicated tokens (shares 3 + 2): identity with TP=1 grads.
+    # 4. a centred fp8 wire, segments per (peer, 2 experts), empty ones included: rows with a
+    # large shared component arrive with small errors; constant gradients exactly.
+    segments_in = [[0, 0, 2, 1], [0, 0, 1, 1]][rank]
+    segments_out = [[0, 0, 0, 0], [2, 1, 1, 1]][rank]
+    sent = [50.0 + 0.1 * torch.randn(sum(SEND[src]), 8,
+                                     generator=torch.Generator().manual_seed(src))
+            for src in range(world)]
+    xc = sent[rank].clone().requires_grad_()
+    yc = all_to_all(xc, output_splits, input_splits, group, CODECS["fp8-centered"](),
+                    segments_out, segments_in)
+    expected = torch.cat([sent[src][:SEND[src][0]] if rank == 0 else sent[src][SEND[src][0]:]
+                          for src in range(world)])
+    out["centered_err"] = float((yc.detach() - expected).abs().max()) if yc.numel() else 0.0
+    (yc * 1.5).sum().backward()
+    out["centered_grad"] = xc.grad
+    # 5. TP split then gather of 5 replicated tokens (shares 3 + 2): identity with TP=1 grads.
     tokens = torch.arange(10, dtype=torch.float32).view(5, 2).requires_grad_()
     share = split_to_tp(tokens, group)
     whole = gather_from_tp(share * 2.0, 5, group)
@@ -54,6 +69,9 @@ def test_all_to_all_count_exchange_and_tp_split():
         wire_dtype, grad_dtype, grad_sum = results[rank]["bf16"]
         assert wire_dtype == torch.float32 and grad_dtype == torch.float32
         assert grad_sum == 1.5 * 3 * (3 if rank == 0 else 2)
+        assert results[rank]["centered_err"] < 0.02       # per-row fp8 would be off by ~2
+        assert torch.equal(results[rank]["centered_grad"],
+                           torch.full((sum(SEND[rank]), 8), 1.5))
         assert results[rank]["share_rows"] == (3 if rank == 0 else 2)
         assert torch.equal(results[rank]["whole"], 2.0 * torch.arange(10.0).view(5, 2))
         assert torch.equal(results[rank]["tokens_grad"], 2.0 * torch.arange(10.0).view(5, 2))

@@ -111,6 +111,22 @@ def test_cast_is_close_to_none_and_sends_fewer_bytes(cast_dtype, tol, byte_ratio
     assert layer.last_stats.bytes_fwd_total == int(ref_bytes.last_stats.bytes_fwd_total * byte_ratio)
 
 
+def test_centered_cast_counts_each_experts_two_header_rows_in_the_bytes():
+    x = torch.randn(50, HIDDEN) + 4.0                  # a component every row shares
+    layer = _layer("cast", {"dtype": "fp8-centered"})
+    got = _run(layer, x)
+    routing = layer.router(x)
+    experts_used = int((torch.bincount(routing.experts_TK.reshape(-1), minlength=4) > 0).sum())
+    stats = layer.last_stats
+    # One process: every row is sent and returned once; two header rows per non-empty expert.
+    assert stats.bytes_fwd_total == 2 * (stats.sent_rows + 2 * experts_used) * (HIDDEN + 4)
+    ref = _run(_layer(), x)
+    plain = _run(_layer("cast", {"dtype": "fp8"}), x)
+    err_centered = (got[0] - ref[0]).norm()
+    assert err_centered < (plain[0] - ref[0]).norm() / 2
+    assert (got[1] - ref[1]).norm() < 0.05 * ref[1].norm()
+
+
 def test_stats_of_an_lsh_layer():
     layer = _layer("lsh", {"num_hashes": 2, "rotation_dim": 1, "compensation": "residual"})
     layer.timing = True

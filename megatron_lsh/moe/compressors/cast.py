@@ -1,4 +1,5 @@
-"""``cast``: every row crosses the all-to-all in a narrower wire format (bf16, or fp8 + scale).
+"""``cast``: every row crosses the all-to-all in a narrower wire format (bf16, or fp8 + scale;
+optionally centred on each expert's mean row, see ``codecs.py``).
 
 The FP8-dispatch baseline other systems use. The backward sends the gradients encoded the
 same way and treats the round trip as the identity (straight-through): the gradient is that
@@ -18,8 +19,11 @@ from megatron_lsh.moe.compressors.none import NoCompression
 class CastOptions:
     """Settings of the ``cast`` compressor."""
 
-    dtype: str = setting("bf16", "--moe-cast-dtype", "Wire dtype of the cast compressor.",
-                         choices=tuple(CODECS))
+    dtype: str = setting(
+        "bf16", "--moe-cast-dtype", "Wire format of the cast compressor: bf16, fp8 (e4m3 + "
+        "a per-row scale), or their -centered forms (each expert's mean row sent once in two "
+        "header rows, every row as its deviation from it: for rows that share a large common "
+        "component).", choices=tuple(CODECS))
 
     def __post_init__(self):
         check_choice(self, "dtype")
@@ -27,7 +31,8 @@ class CastOptions:
 
 @register_compressor
 class CastCompressor(NoCompression):
-    """Send every row in a narrower wire format (bf16, or fp8 with a per-row scale)."""
+    """Send every row in a narrower wire format (bf16, or fp8 with a per-row scale, optionally
+    as deviations from the expert's mean row)."""
 
     name = "cast"
     Options = CastOptions

@@ -75,8 +75,9 @@ class LSHOptions:
     lloyd_iters: int = setting(0, "--moe-lsh-lloyd-iters",
                                "Lloyd passes after the splits (with --moe-lsh-target-rate).")
     wire_dtype: Optional[str] = setting(
-        None, "--moe-lsh-wire-dtype", "Send the centroids (and their gradients) as bf16 or "
-        "fp8 (e4m3 + per-row scale) instead of the compute dtype.", choices=(None, *CODECS))
+        None, "--moe-lsh-wire-dtype", "Send the centroids (and their gradients) as bf16, fp8 "
+        "(e4m3 + per-row scale) or their -centered forms (see --moe-cast-dtype) instead of the "
+        "compute dtype.", choices=(None, *CODECS))
     scope: str = setting(
         "all", "--moe-a2a-compression-scope", "Compress the rows bound for every expert (all), "
         "or only those that leave the node (inter-node: rows for experts on this node's ranks "
