@@ -39,7 +39,7 @@ from megatron_lsh.moe.router import Routing
 from megatron_lsh.moe.stats import MoEStats, StageTimer
 from megatron_lsh.parallel.all_to_all import (all_to_all, exchange_counts, gather_rows_from_tp,
                                               group_rank, group_size, split_rows_to_tp,
-                                              tp_row_shares, tp_share_sizes, wire_rows)
+                                              tp_row_shares, tp_share_sizes, wire_splits)
 
 
 @dataclass
@@ -239,10 +239,8 @@ class AllToAllDispatcher:
         codec = self.codec
         row_bytes = codec.row_bytes(hidden, dtype) if codec else hidden * payload_PH.element_size()
         # Wire rows per peer, with the codec's per-(peer, expert) header rows.
-        x = self.num_local_experts
-        sent = [wire_rows(codec, state.send_counts[r * x:(r + 1) * x]) for r in range(len(sent))]
-        received = [wire_rows(codec, state.recv_counts[r * x:(r + 1) * x])
-                    for r in range(len(received))]
+        sent = wire_splits(codec, sent, state.send_counts)
+        received = wire_splits(codec, received, state.recv_counts)
         me = self.ep_rank
         rows_out = sum(sent) - sent[me] + sum(received) - received[me]
         rows_all = sum(sent) + sum(received)

@@ -62,7 +62,7 @@ def wire_rows(codec: Optional[WireCodec], segments: Sequence[int]) -> int:
     return int(sum(segments)) + header * sum(1 for count in segments if count > 0)
 
 
-def _wire_splits(codec: Optional[WireCodec], splits: Sequence[int],
+def wire_splits(codec: Optional[WireCodec], splits: Sequence[int],
                  segments: Sequence[int]) -> list:
     """Wire rows per peer: ``segments`` divide each split into equally many runs."""
     per_peer = len(segments) // max(len(splits), 1)
@@ -78,10 +78,10 @@ def _exchange(x_PH: torch.Tensor, output_splits: Sequence[int], input_splits: Se
     wire = codec.encode(x_PH, input_segments) if codec is not None else x_PH
     if group_size(group) > 1:
         wire = wire.contiguous()
-        recv_splits = _wire_splits(codec, output_splits, output_segments)
+        recv_splits = wire_splits(codec, output_splits, output_segments)
         out = wire.new_empty((int(sum(recv_splits)),) + tuple(wire.shape[1:]))
         dist.all_to_all_single(out, wire, recv_splits,
-                               _wire_splits(codec, input_splits, input_segments), group=group)
+                               wire_splits(codec, input_splits, input_segments), group=group)
     else:
         out = wire
     return codec.decode(out, output_segments, dtype) if codec is not None else out

@@ -91,8 +91,8 @@ class CenteredCodec:
             torch.arange(counts_S.numel(), device=device), counts_S)
         nonempty_S = counts_S > 0
         headers_before_S = 2 * torch.cumsum(nonempty_S.long(), 0)     # headers up to and with s
-        row_pos_P = torch.arange(segment_of_row_P.numel(), device=device) + (
-            headers_before_S[segment_of_row_P] if segment_of_row_P.numel() else 0)
+        row_pos_P = (torch.arange(segment_of_row_P.numel(), device=device)
+                     + headers_before_S[segment_of_row_P])
         start_S = torch.cumsum(counts_S, 0) - counts_S + headers_before_S - 2
         nonempty_N = nonempty_S.nonzero().view(-1)
         return segment_of_row_P, row_pos_P, start_S[nonempty_N], nonempty_N
