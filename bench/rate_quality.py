@@ -168,6 +168,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print only the JSON rows on stdout")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report the runs of the plan that are already cached")
+    p.add_argument("--save-checkpoints", action="store_true",
+                   help="keep each trained run's final checkpoint (<out>/<model>/<run>-ckpt)")
     args = p.parse_args()
     if args.quick:
         args.variants, args.iters, args.seeds = ["none", "lsh-L6", "target-0.1-scaled"], 60, [1]
@@ -193,7 +195,8 @@ def main() -> None:
         results.append(train(args.model, variant, VARIANTS[variant] + placement, seed=seed,
                              iters=args.iters, out_dir=out_dir, data_dir=args.data_dir,
                              tokenizer_dir=args.tokenizer_dir, micro_batch=args.micro_batch,
-                             eval_interval=max(args.iters // 6, 10)))
+                             eval_interval=max(args.iters // 6, 10),
+                             save_checkpoint=args.save_checkpoints))
     rows = table_rows(results)
     summ = summary(rows)
     report = {"model": args.model, "moe_first": args.moe_first, "iters": args.iters,

@@ -107,8 +107,12 @@ def trainer_flags(model: str, flags: list, *, seed: int, iters: int, metrics: Pa
 def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir: Path,
           data_dir: Path, tokenizer_dir: Path, nproc: int = 4, micro_batch: int = 4,
           eval_interval: int = 100, eval_iters: int = 16, lr: float = 2e-3,
-          timeout: float = 3600) -> dict:
-    """Train ``model`` with compressor ``flags``; cached result dict (see the module docstring)."""
+          timeout: float = 3600, save_checkpoint: bool = False) -> dict:
+    """Train ``model`` with compressor ``flags``; cached result dict (see the module docstring).
+
+    ``save_checkpoint``: keep the final checkpoint in ``<out_dir>/<key>-ckpt`` (e.g. for
+    ``bench/centroid_probe.py``); a cached run is not retrained for it.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir)
     key = cache.stem
@@ -125,6 +129,8 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
                           cache_dir=out_dir / "index-cache", data_dir=data_dir,
                           tokenizer_dir=tokenizer_dir, nproc=nproc, micro_batch=micro_batch,
                           eval_interval=eval_interval, eval_iters=eval_iters, lr=lr)]
+    if save_checkpoint:
+        cmd += ["--save", str(out_dir / f"{key}-ckpt"), "--save-interval", str(iters)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     print(f"[{time.strftime('%H:%M:%S')}] training {key} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
