@@ -14,7 +14,7 @@ spherical-plane m = 3, L = 2: both at most 8^2 = 64 buckets per expert, the capa
 m = 1, L = 6 default.
 
 ``--compensation none`` (the default, the framework's) or ``residual`` (the paper's, which
-over-corrects on these models: docs/RESULTS.md). Runs are cached under ``--out`` and shared
+over-corrects on these models: docs/RATE_QUALITY.md). Runs are cached under ``--out`` and shared
 with ``bench/rate_quality.py`` (same folder, same keys: ``lsh-L6-nocomp`` is the same run
 in both), so points trained there are reused.
 

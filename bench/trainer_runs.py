@@ -32,7 +32,7 @@ SMALL_SHAPE = ["--num-layers", "6", "--hidden-size", "128", "--ffn-hidden-size",
                "--moe-layer-freq", "([0,1]*3)", "--moe-router-topk", "2"]
 """MoE on layers 2, 4, 6 (1-based). Megatron's ``--moe-layer-freq 2`` would put MoE on 1, 3, 5,
 so that the first MoE layer sees the bare embeddings: compressing those (rows of different
-tokens are far apart) costs LSH 2.7-12% of validation loss (docs/RESULTS.md), which is why the
+tokens are far apart) costs LSH 2.7-12% of validation loss (docs/RATE_QUALITY.md), which is why the
 committed results, measured before the flag took Megatron's meaning, use this placement."""
 MODELS = {
     "gpt": dict(script="pretrain_gpt_moe.py", recipe="tiny-gpt-moe", level="text_document",
