@@ -67,15 +67,40 @@ def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Op
     return load_cached(_cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir))
 
 
+def machine() -> dict:
+    """What decides a run's fp32 rounding: CPU model, the vector ISA torch uses, torch version.
+
+    The same tree, seed and data train to a different loss on another CPU (the kernels round
+    differently and training amplifies it: docs/RATE_QUALITY.md), so caches record this and
+    runs of another machine are not mixed into a comparison.
+    """
+    import torch
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
+
+
 def load_cached(cache: Path) -> Optional[dict]:
     """The result cached in ``cache`` when it exists and was trained with today's
-    ``SMALL_SHAPE``; None (with a warning for another shape) otherwise."""
+    ``SMALL_SHAPE`` on this :func:`machine` (or before caches recorded it); None, with a
+    warning for another shape or machine, otherwise."""
     if not cache.exists():
         return None
     result = json.loads(cache.read_text())
     if result.get("shape") != SMALL_SHAPE:
         print(f"warning: ignoring {cache}: it was trained with another model shape "
               f"({result.get('shape')})", file=sys.stderr)
+        return None
+    if result.get("machine", machine()) != machine():
+        print(f"warning: ignoring {cache}: it was trained on another machine "
+              f"({result['machine']}), whose losses are not comparable with this one's",
+              file=sys.stderr)
         return None
     return result
 
@@ -150,7 +175,7 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
               "compression_rate": sum(sum(layer["compression_rate"] for layer in r["moe"])
                                       / max(len(r["moe"]), 1) for r in rows) / len(rows),
               "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
-              "extra": _layer_means(rows)}
+              "extra": _layer_means(rows), "machine": machine()}
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, cache)
