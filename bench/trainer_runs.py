@@ -8,7 +8,8 @@ quality claims are made on: 6 layers, d 128, ffn 512, 8 experts on every 2nd lay
 sequence 128 (big enough that the MoE layers matter, small enough for a 2-core CPU).
 
 Results are cached as JSON per (model, variant, seed, iterations) under the output folder, so
-a long sweep can be interrupted and resumed, and finished points are kept.
+a long sweep can be interrupted and resumed, and finished points are kept; a cache of another
+model shape or another machine (:func:`machine`) is ignored and the run trained again.
 """
 from __future__ import annotations
 
