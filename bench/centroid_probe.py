@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron_lsh.moe.compressors.clustering import cluster_budget, cluster_to_budget  # noqa: E402
+from megatron_lsh.moe.compressors.lsh_ops import Clusters, segment_mean  # noqa: E402
 from megatron_lsh.moe.layer import MoELayer  # noqa: E402
 
 CLASSES = ("other", "mask", "pad")
@@ -66,25 +67,26 @@ def _centroid_moe(layer: MoELayer, setting: dict, record: list):
             y_RH = layer.experts(x_RH, rows_E.tolist())
         else:
             budget_E = cluster_budget(rows_E, setting["rate"])
-            cluster_R, count_C, per_expert_E = cluster_to_budget(x_RH, expert_R, budget_E)
+            clusters = Clusters(*cluster_to_budget(x_RH, expert_R, budget_E))
+            cluster_R = clusters.cluster_of_row
             # Differentiable centroids: the backward divides each cluster's gradient among its rows.
-            c_CH = (torch.zeros(count_C.numel(), x_RH.shape[1], dtype=x_RH.dtype)
-                    .index_add(0, cluster_R, x_RH) / count_C.unsqueeze(1).to(x_RH.dtype))
-            y_CH = layer.experts(c_CH, per_expert_E.tolist())   # clusters come sorted by expert
+            c_CH = segment_mean(x_RH, clusters)
+            y_CH = layer.experts(c_CH, clusters.centroids_per_expert.tolist())  # sorted by expert
             y_RH = y_CH.index_select(0, cluster_R)
+            d_RH = x_RH - c_CH.index_select(0, cluster_R)
             alpha = setting.get("alpha", 0.0)
             if alpha:
-                y_RH = y_RH + alpha * (x_RH - c_CH.index_select(0, cluster_R))
+                y_RH = y_RH + alpha * d_RH
             with torch.no_grad():
                 exact_RH = layer.experts(x_RH, rows_E.tolist())
                 mean_EH = torch.zeros(num_experts, x_RH.shape[1]).index_add_(0, expert_R, x_RH)
                 mean_EH /= rows_E.clamp_min(1).unsqueeze(1).to(x_RH.dtype)
                 class_R = setting["classes_T"].index_select(0, token_R)
-                parts = {"x_err": (x_RH - c_CH.index_select(0, cluster_R)).square().sum(1),
+                parts = {"x_err": d_RH.square().sum(1),
                          "x_var": (x_RH - mean_EH.index_select(0, expert_R)).square().sum(1),
                          "y_err": (y_RH - exact_RH).square().sum(1),
                          "y_var": (exact_RH - exact_RH.mean(0)).square().sum(1)}
-                record.append({"clusters": int(count_C.numel()), "rows": int(x_RH.shape[0]),
+                record.append({"clusters": clusters.num_clusters, "rows": int(x_RH.shape[0]),
                                "by_class": {name: {k: float(v[class_R == c].sum())
                                                    for k, v in parts.items()}
                                             for c, name in enumerate(CLASSES)}})

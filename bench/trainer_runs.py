@@ -98,7 +98,8 @@ def load_cached(cache: Path) -> Optional[dict]:
         print(f"warning: ignoring {cache}: it was trained with another model shape "
               f"({result.get('shape')})", file=sys.stderr)
         return None
-    if result.get("machine", machine()) != machine():
+    here = machine()
+    if result.get("machine", here) != here:
         print(f"warning: ignoring {cache}: it was trained on another machine "
               f"({result['machine']}), whose losses are not comparable with this one's",
               file=sys.stderr)

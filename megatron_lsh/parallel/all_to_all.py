@@ -63,7 +63,7 @@ def wire_rows(codec: Optional[WireCodec], segments: Sequence[int]) -> int:
 
 
 def wire_splits(codec: Optional[WireCodec], splits: Sequence[int],
-                 segments: Sequence[int]) -> list:
+                segments: Sequence[int]) -> list:
     """Wire rows per peer: ``segments`` divide each split into equally many runs."""
     per_peer = len(segments) // max(len(splits), 1)
     return [wire_rows(codec, segments[r * per_peer:(r + 1) * per_peer])
