@@ -19,10 +19,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
   fi
 fi
-# Reinstall only when the packaging or the C++ helpers changed since the last install.
-stamp_src=$(cat pyproject.toml setup.py megatron_lsh/data/helpers.cpp 2>/dev/null | sha1sum | cut -d' ' -f1)
+# Reinstall only when the packaging or the C++ extensions changed since the last install.
+stamp_src=$(cat pyproject.toml setup.py megatron_lsh/data/helpers.cpp megatron_lsh/moe/compressors/split_rounds.cpp 2>/dev/null | sha1sum | cut -d' ' -f1)
 stamp_file="$VENV_DIR/.megatron_lsh_stamp"
-if [[ ! -f "$stamp_file" || "$(cat "$stamp_file")" != "$stamp_src" ]] || ! "$PY" -c "import megatron_lsh.data._helpers" 2>/dev/null; then
+if [[ ! -f "$stamp_file" || "$(cat "$stamp_file")" != "$stamp_src" ]] || ! "$PY" -c "import megatron_lsh.data._helpers, megatron_lsh.moe.compressors._split" 2>/dev/null; then
   echo "[setup] installing megatron-lsh (editable) with test extras"
   "$PY" -m pip install -q "setuptools>=64" wheel "pybind11>=2.10"
   "$PY" -m pip install -q --no-build-isolation -e ".[test,bench]"

@@ -1,4 +1,8 @@
-"""Exact-count clustering (megatron_lsh.moe.compressors.clustering): counts, numbering, quality."""
+"""Exact-count clustering (megatron_lsh.moe.compressors.clustering): counts, numbering, quality.
+
+Every test runs twice: with the compiled split rounds (``_split``, the CPU default) and with
+the tensor version (the CUDA path, and the fallback when the extension is not built).
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,7 @@ import os
 import pytest
 import torch
 
+from megatron_lsh.moe.compressors import clustering
 from megatron_lsh.moe.compressors.clustering import (canonical_numbering, cluster_budget,
                                                      cluster_centroids, cluster_to_budget,
                                                      distortion, lloyd_refine, sketch_basis,
@@ -14,6 +19,16 @@ from megatron_lsh.moe.text_states import text_states
 
 HAMLET = os.path.join(os.path.dirname(__file__), "..", "fixtures", "moe",
                       "hamlet_act1_scene1.txt")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "tensor"])
+def split_backend(request, monkeypatch):
+    """Run the test with the C++ split rounds, then with the tensor version."""
+    if request.param == "compiled":
+        assert clustering._compiled is not None, "run: python setup.py build_ext --inplace"
+    else:
+        monkeypatch.setattr(clustering, "_compiled", None)
+    return request.param
 
 
 def sorted_rows(rows_per_expert, hidden=8, seed=0):
@@ -294,3 +309,4 @@ def test_cuda_counts_and_repeatability():
         torch.use_deterministic_algorithms(False)
     check_partition(tuple(t.cpu() for t in first), expert_R, torch.tensor([30, 0, 64]))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
