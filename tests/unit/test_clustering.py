@@ -309,4 +309,3 @@ def test_cuda_counts_and_repeatability():
         torch.use_deterministic_algorithms(False)
     check_partition(tuple(t.cpu() for t in first), expert_R, torch.tensor([30, 0, 64]))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-

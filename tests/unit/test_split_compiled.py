@@ -17,11 +17,9 @@ def test_extension_is_built():
 def _both_paths(*args, **kwargs):
     """(compiled, tensor) results of one cluster_to_budget call."""
     compiled = cluster_to_budget(*args, **kwargs)
-    saved, clustering._compiled = clustering._compiled, None
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clustering, "_compiled", None)
         return compiled, cluster_to_budget(*args, **kwargs)
-    finally:
-        clustering._compiled = saved
 
 
 def test_compiled_split_rounds_match_the_tensor_version():

@@ -5,8 +5,9 @@ rows happen to hit). A compressor that makes the byte count a setting, a *target
 exactly ``ceil(R * rows_e)`` clusters for expert e, and among partitions of that size one with
 little distortion. This module builds such partitions with tensor code (CPU or CUDA, no
 autograd; the split rounds in C++ on CPU, below): Python loops run over rounds and iterations
-only, never over rows, clusters or experts. Deterministic: no RNG but fixed seeds; on CUDA, bitwise repeatability also needs
-``torch.use_deterministic_algorithms(True)`` (``index_add_`` then avoids float atomics).
+only, never over rows, clusters or experts. Deterministic: no RNG but fixed seeds; on CUDA,
+bitwise repeatability also needs ``torch.use_deterministic_algorithms(True)`` (``index_add_``
+then avoids float atomics).
 
 Algorithm (:func:`cluster_to_budget`):
 
@@ -47,7 +48,7 @@ Algorithm (:func:`cluster_to_budget`):
 Steps 3-5 run in C++ on CPU (``_split``, from ``split_rounds.cpp``, built by ``pip install``;
 about 4x faster: five fused passes over the cut rows per round instead of ~fifteen tensor ops
 with ``[rows, dim]`` temporaries) and in tensor code elsewhere; the two agree row for row
-except where fp32 and double sums put a row on different sides of a cut.
+except where a different summation order puts a row on the other side of a cut.
 
 :func:`cluster_budget` turns a rate into budgets, :func:`cluster_centroids` gives the segment
 means and :func:`distortion` the quality (mean cosine, relative residual energy).

@@ -7,8 +7,9 @@
 // steps) until it has its target count. The tensor version needs about fifteen passes over
 // the cut rows per round, most of them materialising [rows, dim] temporaries; here a round is
 // five fused passes with the per-cluster accumulators in cache, which is what makes the
-// target-rate mode cheap enough on CPU. Sums accumulate in double, so partitions agree with
-// the fp32 tensor version except where a row sits on a cut (tests compare both).
+// target-rate mode cheap enough on CPU. Dot products and axis sums are fp32 (as in the tensor
+// version), centroids and SSEs accumulate in double; the summation order differs, so the
+// partitions agree with the tensor version except where a row sits on a cut (tests compare).
 // Python validates the inputs (clustering.cluster_to_budget); the checks here only guard
 // memory accesses.
 
@@ -65,8 +66,9 @@ struct State {
   std::vector<i64> expert;  // of each cluster
 };
 
-// Recompute the centroids, residuals and SSEs of the clusters in `ids` (local id per row of
-// `rows_n`, in [0, num_local)); writes SSE and count of local cluster k to out_sse / out_count.
+// Recompute the centroids, residuals and SSEs of the rows `rows_n`, grouped by their local
+// cluster ids `local_n` in [0, num_local); writes SSE and count of local cluster k to
+// out_sse / out_count.
 void refresh(State& st, const std::vector<i64>& rows_n, const std::vector<i64>& local_n,
              i64 num_local, std::vector<double>& out_sse, std::vector<i64>& out_count) {
   const i64 D = st.dim;
@@ -126,9 +128,9 @@ std::vector<i64> pick(const State& st, const std::vector<i64>& allowed, i64 num_
 }
 
 // The side of each cut row (true: the new cluster); rows_n / seg_n as in refresh.
-std::vector<char> cut(const State& st, const std::vector<i64>& rows_n, const std::vector<i64>& seg_n,
-                      const std::vector<i64>& count_u, int power_iters, int refine_iters,
-                      bool by_order) {
+std::vector<char> cut(const State& st, const std::vector<i64>& rows_n,
+                      const std::vector<i64>& seg_n, const std::vector<i64>& count_u,
+                      int power_iters, int refine_iters, bool by_order) {
   const i64 D = st.dim, num = static_cast<i64>(count_u.size());
   const size_t n = rows_n.size();
   std::vector<char> side(n, 0);
