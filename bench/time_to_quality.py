@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emulated_cluster import launch  # noqa: E402
 from netns import EmulatedCluster, NetnsError  # noqa: E402
 from trainer_runs import (MODELS, REPO, SMALL_SHAPE, VALID_RE,  # noqa: E402
-                          data_ready, load_cached, trainer_flags)
+                          data_ready, load_cached, machine, trainer_flags)
 from megatron_lsh.training.logger import read_metrics  # noqa: E402
 
 LSH = ["--moe-a2a-compression", "lsh"]
@@ -86,8 +86,9 @@ def parse_variant(spec: str, default_iters: int) -> tuple:
 def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     """Train one (model, variant) on the cluster; curve of (seconds, valid loss); cached."""
     name, iters = parse_variant(spec, args.iters)
+    seed_tag = "" if args.seed == 1 else f"-seed{args.seed}"
     run_dir = (args.out / "runs" /
-               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{iters}")
+               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{iters}{seed_tag}")
     cache = run_dir / "result.json"
     done = load_cached(cache)
     if done is not None:
@@ -96,7 +97,7 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     trainer_args = trainer_flags(
-        model, VARIANTS[name] + ["--timing-log-level", "1"], seed=1, iters=iters,
+        model, VARIANTS[name] + ["--timing-log-level", "1"], seed=args.seed, iters=iters,
         metrics=metrics, cache_dir=args.out / "index-cache", data_dir=args.data_dir,
         tokenizer_dir=args.tokenizer_dir, nproc=args.nproc, micro_batch=args.micro_batch,
         eval_interval=args.eval_interval)
@@ -115,7 +116,7 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     shares = [r["timers"]["moe_a2a"] / r["ms_per_iter"] for r in rows[len(rows) // 10:]]
     label = name if iters == args.iters else f"{name}@{iters}"
     result = {"model": model, "variant": label, "iters": iters, "bandwidth_mbit": args.bandwidth,
-              "shape": SMALL_SHAPE,
+              "shape": SMALL_SHAPE, "seed": args.seed, "machine": machine(),
               "curve": [(elapsed[i], v) for i, v in sorted(valid)],
               "ms_per_iter": sorted(r["ms_per_iter"] for r in rows)[len(rows) // 2],
               "a2a_share": sorted(shares)[len(shares) // 2] if shares else float("nan")}
@@ -140,6 +141,9 @@ def main() -> None:
                         "size against the fixed-size gradient all-reduce)")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--eval-interval", type=int, default=25)
+    p.add_argument("--seed", type=int, default=1,
+                   help="the trainer's seed for every run (runs of seeds other than 1 are "
+                        "cached apart; compare variants at one seed)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--run-timeout", type=float, default=7200)
