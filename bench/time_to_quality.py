@@ -211,19 +211,31 @@ def summarize(results: list) -> dict:
 
 
 def plot(results: list, path: Path) -> None:
-    """Smoothed validation loss against training wall-clock, one panel per model."""
+    """Smoothed validation loss against training wall-clock, one panel per model, zoomed on
+    the part of training where the curves separate, with the dense final loss marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    names = {"gpt": "GPT", "roberta": "RoBERTa"}
     models = sorted({r["model"] for r in results})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
+        curves = {}
         for r in results:
             if r["model"] == model and r["curve"]:
                 times, losses = zip(*r["curve"])
-                ax.plot([t / 60 for t in times], smooth(list(losses)), marker=".",
-                        label=r["variant"])
-        ax.set(title=f"{model.upper()}-MoE small, {results[0]['bandwidth_mbit']:g} Mbit/s per node",
+                curves[r["variant"]] = ([t / 60 for t in times], smooth(list(losses)))
+        for label, (minutes, losses) in curves.items():
+            ax.plot(minutes, losses, marker=".", label=label)
+        if "none" in curves:
+            ax.axhline(curves["none"][1][-1], color="grey", linestyle="--", linewidth=0.8,
+                       label="dense final")
+        if curves:   # the first fifth of training is the common initial drop: leave it out
+            top = max(losses[len(losses) // 5] for _, losses in curves.values())
+            bottom = min(min(losses) for _, losses in curves.values())
+            ax.set_ylim(bottom - 0.05 * (top - bottom), top)
+        ax.set(title=f"{names.get(model, model)}-MoE small, "
+                     f"{results[0]['bandwidth_mbit']:g} Mbit/s per node",
                xlabel="training wall-clock (min)", ylabel="validation loss (smoothed)")
         ax.grid(alpha=0.3)
         ax.legend()
