@@ -233,7 +233,8 @@ def plot(results: list, path: Path) -> None:
         if curves:   # the first fifth of training is the common initial drop: leave it out
             top = max(losses[len(losses) // 5] for _, losses in curves.values())
             bottom = min(min(losses) for _, losses in curves.values())
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top)
+            if top > bottom:
+                ax.set_ylim(bottom - 0.05 * (top - bottom), top)
         ax.set(title=f"{names.get(model, model)}-MoE small, "
                      f"{results[0]['bandwidth_mbit']:g} Mbit/s per node",
                xlabel="training wall-clock (min)", ylabel="validation loss (smoothed)")
