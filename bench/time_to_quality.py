@@ -83,18 +83,24 @@ def parse_variant(spec: str, default_iters: int) -> tuple:
     return name, int(iters) if iters else default_iters
 
 
+def run_dir(out: Path, model: str, name: str, *, bandwidth: float, micro_batch: int,
+            iters: int, seed: int) -> Path:
+    """The folder one (model, variant, schedule, seed) run is cached in under ``out``."""
+    seed_tag = "" if seed == 1 else f"-seed{seed}"
+    return out / "runs" / f"{model}-{name}-{bandwidth:g}mbit-mb{micro_batch}-it{iters}{seed_tag}"
+
+
 def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     """Train one (model, variant) on the cluster; curve of (seconds, valid loss); cached."""
     name, iters = parse_variant(spec, args.iters)
-    seed_tag = "" if args.seed == 1 else f"-seed{args.seed}"
-    run_dir = (args.out / "runs" /
-               f"{model}-{name}-{args.bandwidth:g}mbit-mb{args.micro_batch}-it{iters}{seed_tag}")
-    cache = run_dir / "result.json"
+    folder = run_dir(args.out, model, name, bandwidth=args.bandwidth,
+                     micro_batch=args.micro_batch, iters=iters, seed=args.seed)
+    cache = folder / "result.json"
     done = load_cached(cache)
     if done is not None:
         return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec, metrics = MODELS[model], run_dir / "metrics.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, metrics = MODELS[model], folder / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     trainer_args = trainer_flags(
         model, VARIANTS[name] + ["--timing-log-level", "1"], seed=args.seed, iters=iters,
@@ -105,7 +111,7 @@ def run_variant(cluster, args, model: str, spec: str, port: int) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {model}/{name} at {args.bandwidth:g} Mbit/s ...",
           file=sys.stderr, flush=True)
     logs = [log.read_text(errors="replace") for log in launch(
-        cluster, [str(args.code_dir / spec["script"]), *trainer_args], run_dir,
+        cluster, [str(args.code_dir / spec["script"]), *trainer_args], folder,
         nproc=args.nproc, port=port, timeout=args.run_timeout, code_dir=args.code_dir)]
     rows = read_metrics(str(metrics))   # iteration records (not validation)
     valid = [(int(i), float(v)) for log in logs for i, v in VALID_RE.findall(log)]
