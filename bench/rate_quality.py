@@ -20,6 +20,14 @@ dense (``none``) run's:
 ``--moe-first`` uses Megatron's ``--moe-layer-freq 2`` placement (MoE on layers 1, 3, 5, the
 first seeing bare embeddings) instead of 2, 4, 6; its runs and report go to their own files.
 
+``--branch-at N`` trains each seed's dense run once, keeping its checkpoint at iteration N,
+and starts every other variant of that seed from it (the full state: weights, optimizer,
+schedule, data position, random state), so a variant and its dense run share iterations
+1..N exactly and differ only in what the compressor does after N. On a recipe whose runs
+leave a loss plateau at seed-dependent times (the small masked LM), branching past the
+plateau compares compression without that bifurcation; the runs and report are kept apart
+(``-fromN``).
+
 Results are cached per run under ``--out`` (resumable); ``--seeds`` repeats the variants
 named in ``--seed-variants`` (the points that decide a claim). Prints a table, writes
 ``rate_quality.json`` and ``rate_quality.png`` there. Each run takes a few minutes on 2 cores.
@@ -38,7 +46,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_runs import REPO, cached, data_ready, train  # noqa: E402
+from trainer_runs import REPO, cached, checkpoint_dir, data_ready, train  # noqa: E402
 
 
 def _variants() -> dict:
@@ -170,6 +178,9 @@ def main() -> None:
                    help="train nothing: report the runs of the plan that are already cached")
     p.add_argument("--save-checkpoints", action="store_true",
                    help="keep each trained run's final checkpoint (<out>/<model>/<run>-ckpt)")
+    p.add_argument("--branch-at", type=int, default=None, metavar="N",
+                   help="start every variant but none from its seed's dense run at iteration "
+                        "N (see the module docstring)")
     args = p.parse_args()
     if args.quick:
         args.variants, args.iters, args.seeds = ["none", "lsh-L6", "target-0.1-scaled"], 60, [1]
@@ -180,32 +191,49 @@ def main() -> None:
     if skipping and not args.moe_first:
         raise SystemExit(f"error: {skipping[0]} leaves layer 1 uncompressed, which is an MoE "
                          f"layer only with --moe-first")
+    if args.branch_at is not None and not 0 < args.branch_at < args.iters:
+        raise SystemExit(f"error: --branch-at {args.branch_at} must lie between 0 and --iters "
+                         f"{args.iters}")
     placement = ["--moe-layer-freq", "2"] if args.moe_first else []
     tag = f"{args.model}_moe_first" if args.moe_first else args.model
+    if args.branch_at is not None:
+        tag += f"_from{args.branch_at}"
     out_dir = args.out / tag.replace("_", "-")
     first, rest = args.seeds[0], args.seeds[1:]
     repeated = args.variants if args.seed_variants is None else args.seed_variants
     plan = [(v, first) for v in args.variants] + [(v, s) for s in rest for v in repeated]
+    if args.branch_at is not None:   # each seed's dense run first: the others start from it
+        seeds = list(dict.fromkeys(s for _, s in plan))
+        plan = [("none", s) for s in seeds] + [(v, s) for v, s in plan if v != "none"]
     results = []
     for variant, seed in plan:
+        branch = None
+        if args.branch_at is not None and variant != "none":
+            branch = (checkpoint_dir(args.model, "none", seed=seed, iters=args.iters,
+                                     out_dir=out_dir), args.branch_at)
         if args.report_only:
-            done = cached(args.model, variant, seed=seed, iters=args.iters, out_dir=out_dir)
+            done = cached(args.model, variant, seed=seed, iters=args.iters, out_dir=out_dir,
+                          branch_at=None if branch is None else args.branch_at)
             results += [done] if done else []
             continue
         results.append(train(args.model, variant, VARIANTS[variant] + placement, seed=seed,
                              iters=args.iters, out_dir=out_dir, data_dir=args.data_dir,
                              tokenizer_dir=args.tokenizer_dir, micro_batch=args.micro_batch,
                              eval_interval=max(args.iters // 6, 10),
-                             save_checkpoint=args.save_checkpoints))
+                             save_checkpoint=args.save_checkpoints,
+                             save_interval=(args.branch_at if args.branch_at is not None
+                                            and variant == "none" else None),
+                             branch_from=branch))
     rows = table_rows(results)
     summ = summary(rows)
     report = {"model": args.model, "moe_first": args.moe_first, "iters": args.iters,
-              "rows": rows, "summary": summ}
+              "branch_at": args.branch_at, "rows": rows, "summary": summ}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rate_quality_{tag}.json").write_text(json.dumps(report, indent=1))
     plot(summ, args.out / f"rate_quality_{tag}.png",
          f"{args.model.upper()}-MoE small{' (MoE on layer 1)' if args.moe_first else ''}, "
-         f"{args.iters} iterations, 4 ranks EP=4")
+         f"{args.iters} iterations"
+         f"{'' if args.branch_at is None else f' (branched at {args.branch_at})'}, 4 ranks EP=4")
     if args.json:
         print(json.dumps({"rows": [{k: r[k] for k in ("variant", "bytes_ratio", "valid_loss",
                                                        "dense_valid_loss", "seed")}

@@ -54,18 +54,28 @@ def data_ready(model: str, data_dir: Path) -> Optional[str]:
     return None
 
 
-def _cache_path(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Path:
-    """Where the result of one run is cached (its metrics JSONL lies next to it)."""
-    return out_dir / f"{model}-{name}-seed{seed}-it{iters}.json"
+def _cache_path(model: str, name: str, *, seed: int, iters: int, out_dir: Path,
+                branch_at: Optional[int] = None) -> Path:
+    """Where the result of one run is cached (its metrics JSONL lies next to it); a run
+    branched from another run's checkpoint at iteration N ends in ``-fromN``."""
+    tail = "" if branch_at is None else f"-from{branch_at}"
+    return out_dir / f"{model}-{name}-seed{seed}-it{iters}{tail}.json"
 
 
-def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Optional[dict]:
+def checkpoint_dir(model: str, name: str, *, seed: int, iters: int, out_dir: Path) -> Path:
+    """Where :func:`train` keeps a run's checkpoints (``save_checkpoint`` / ``save_interval``)."""
+    return out_dir / f"{model}-{name}-seed{seed}-it{iters}-ckpt"
+
+
+def cached(model: str, name: str, *, seed: int, iters: int, out_dir: Path,
+           branch_at: Optional[int] = None) -> Optional[dict]:
     """The cached result of a finished run of today's ``SMALL_SHAPE``, or None.
 
     A cache written for another shape (or before results recorded theirs) is ignored, with a
     warning, so a changed model is never reported with the old model's losses.
     """
-    return load_cached(_cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir))
+    return load_cached(_cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir,
+                                   branch_at=branch_at))
 
 
 def machine() -> dict:
@@ -134,18 +144,30 @@ def trainer_flags(model: str, flags: list, *, seed: int, iters: int, metrics: Pa
 def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir: Path,
           data_dir: Path, tokenizer_dir: Path, nproc: int = 4, micro_batch: int = 4,
           eval_interval: int = 100, eval_iters: int = 16, lr: float = 2e-3,
-          timeout: float = 3600, save_checkpoint: bool = False) -> dict:
+          timeout: float = 3600, save_checkpoint: bool = False,
+          save_interval: Optional[int] = None, branch_from: Optional[tuple] = None) -> dict:
     """Train ``model`` with compressor ``flags``; cached result dict (see the module docstring).
 
-    ``save_checkpoint``: keep the final checkpoint in ``<out_dir>/<key>-ckpt`` (e.g. for
-    ``bench/centroid_probe.py``); a cached run is not retrained for it.
+    ``save_checkpoint``: keep the final checkpoint in :func:`checkpoint_dir` (e.g. for
+    ``bench/centroid_probe.py``); a cached run is not retrained for it. ``save_interval``: keep
+    a checkpoint every that many iterations there; a cached run lacking the first of them is
+    trained again. ``branch_from=(checkpoint_dir, N)``: resume another run's full state at
+    iteration N (weights, optimizer, schedule, data position, random state) and train on to
+    ``iters`` with these flags, cached apart (``...-fromN``); the curve holds the iterations
+    after N only.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir)
+    branch_at = None if branch_from is None else int(branch_from[1])
+    cache = _cache_path(model, name, seed=seed, iters=iters, out_dir=out_dir, branch_at=branch_at)
     key = cache.stem
-    done = cached(model, name, seed=seed, iters=iters, out_dir=out_dir)
-    if done is not None:
+    ckpt = checkpoint_dir(model, name, seed=seed, iters=iters, out_dir=out_dir)
+    done = cached(model, name, seed=seed, iters=iters, out_dir=out_dir, branch_at=branch_at)
+    if done is not None and (save_interval is None or
+                             (ckpt / f"iter_{save_interval:07d}").is_dir()):
         return done
+    if branch_from is not None and not (Path(branch_from[0]) / f"iter_{branch_at:07d}").is_dir():
+        raise RuntimeError(f"{key}: no checkpoint of iteration {branch_at} in {branch_from[0]} "
+                           f"to branch from")
     spec = MODELS[model]
     metrics = out_dir / f"{key}.jsonl"
     if metrics.exists():
@@ -156,8 +178,10 @@ def train(model: str, name: str, flags: list, *, seed: int, iters: int, out_dir:
                           cache_dir=out_dir / "index-cache", data_dir=data_dir,
                           tokenizer_dir=tokenizer_dir, nproc=nproc, micro_batch=micro_batch,
                           eval_interval=eval_interval, eval_iters=eval_iters, lr=lr)]
-    if save_checkpoint:
-        cmd += ["--save", str(out_dir / f"{key}-ckpt"), "--save-interval", str(iters)]
+    if save_checkpoint or save_interval:
+        cmd += ["--save", str(ckpt), "--save-interval", str(save_interval or iters)]
+    if branch_from is not None:
+        cmd += ["--load", str(branch_from[0]), "--ckpt-step", str(branch_at)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     print(f"[{time.strftime('%H:%M:%S')}] training {key} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
