@@ -92,14 +92,16 @@ def summarize(dense: dict, variant: dict) -> dict:
         per_seed.append({"seed": seed, "dense_final": dense[seed][-1][1],
                          "variant_final": variant[seed][-1][1],
                          "speedup": speedup(dense[seed], variant[seed])})
-    pairs = [speedup(d, v) for d in dense.values() for v in variant.values()]
+    matrix = [{"dense_seed": ds, "variant_seed": vs, "speedup": speedup(dense[ds], variant[vs])}
+              for ds in sorted(dense) for vs in sorted(variant)]
+    pairs = [m["speedup"] for m in matrix]
     reached = sorted(s for s in pairs if s is not None)
     d_mean, v_mean = mean_curve(list(dense.values())), mean_curve(list(variant.values()))
     return {"per_seed": per_seed,
             "pairs": {"count": len(pairs), "reached": len(reached),
                       "median_of_all": _median_with_unreached(pairs),
                       "min_reached": reached[0] if reached else None,
-                      "max_reached": reached[-1] if reached else None},
+                      "max_reached": reached[-1] if reached else None, "matrix": matrix},
             "mean_curve": {"dense_final": smooth([v for _, v in d_mean])[-1],
                            "variant_final": smooth([v for _, v in v_mean])[-1],
                            "speedup": speedup(d_mean, v_mean),
@@ -213,6 +215,12 @@ def main() -> None:
         print(f"{r['seed']:4d} {r['dense_final']:11.4f} {r['variant_final']:13.4f} "
               f"{fmt(r['speedup']):>17s}")
     pairs, mean = report["pairs"], report["mean_curve"]
+    variant_seeds = sorted(curves[1])
+    print(f"\nspeedup to each dense seed's final loss (rows: dense seed, columns: variant seed)")
+    print("     " + "".join(f"{vs:>12d}" for vs in variant_seeds))
+    for ds in sorted(curves[0]):
+        cells = {m["variant_seed"]: m["speedup"] for m in pairs["matrix"] if m["dense_seed"] == ds}
+        print(f"{ds:4d} " + "".join(f"{fmt(cells[vs]):>12s}" for vs in variant_seeds))
     print(f"all {pairs['count']} (dense seed, variant seed) pairs: {pairs['reached']} reach the "
           f"dense final loss, median {fmt(pairs['median_of_all'])}, range of those reaching "
           f"{fmt(pairs['min_reached'])} - {fmt(pairs['max_reached'])}")

@@ -48,6 +48,9 @@ def test_summarize_pairs_seeds_counts_pairs_and_averages_curves():
     assert (pairs["count"], pairs["reached"]) == (4, 2)
     assert pairs["max_reached"] > 2.0 and pairs["min_reached"] == pytest.approx(2.0)
     assert pairs["median_of_all"] is None   # two of four never get there
+    cells = {(m["dense_seed"], m["variant_seed"]): m["speedup"] for m in pairs["matrix"]}
+    assert cells[(1, 1)] == pytest.approx(2.0) and cells[(2, 1)] == pairs["max_reached"]
+    assert cells[(1, 2)] is None and cells[(2, 2)] is None
     mean = report["mean_curve"]
     assert mean["dense"] == _curve(TIMES_DENSE, [x + 0.1 for x in BASE])
     assert mean["variant"] == _curve(TIMES_FAST, [x + 0.25 for x in BASE])
