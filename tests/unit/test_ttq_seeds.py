@@ -55,6 +55,8 @@ def test_summarize_pairs_seeds_counts_pairs_and_averages_curves():
     assert mean["dense"] == _curve(TIMES_DENSE, [x + 0.1 for x in BASE])
     assert mean["variant"] == _curve(TIMES_FAST, [x + 0.25 for x in BASE])
     assert mean["speedup"] is None          # the mean variant ends 0.15 above the dense mean
+    # where the mean variant ends, dense gets later than the 2x clock lets the variant
+    assert 1.0 < mean["speedup_at_variant_final"] < 2.0
 
 
 def test_median_counts_unreached_pairs_as_slowest():
