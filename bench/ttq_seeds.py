@@ -130,7 +130,8 @@ def plot(dense: dict, variant: dict, labels: tuple, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tops, bottoms = [], []
-    for curves, label, color in ((dense, labels[0], "tab:blue"), (variant, labels[1], "tab:orange")):
+    styles = ((dense, labels[0], "tab:blue"), (variant, labels[1], "tab:orange"))
+    for curves, label, color in styles:
         for seed, curve in sorted(curves.items()):
             losses = smooth([v for _, v in curve])
             ax.plot([t / 60 for t, _ in curve], losses, color=color, alpha=0.35, linewidth=0.8)
@@ -227,9 +228,10 @@ def main() -> None:
     print(f"all {pairs['count']} (dense seed, variant seed) pairs: {pairs['reached']} reach the "
           f"dense final loss, median {fmt(pairs['median_of_all'])}, range of those reaching "
           f"{fmt(pairs['min_reached'])} - {fmt(pairs['max_reached'])}")
+    own = (fmt(mean["speedup_at_variant_final"]) if mean["variant_final"] > mean["dense_final"]
+           else "below dense: dense never gets there")
     print(f"mean curves: dense {mean['dense_final']:.4f}, variant {mean['variant_final']:.4f}, "
-          f"speedup {fmt(mean['speedup'])}; to the variant mean's own final loss "
-          f"{fmt(mean['speedup_at_variant_final'])}")
+          f"speedup {fmt(mean['speedup'])}; to the variant mean's own final loss {own}")
 
 
 if __name__ == "__main__":
