@@ -207,13 +207,13 @@ def main() -> None:
         plan = [("none", s) for s in seeds] + [(v, s) for v, s in plan if v != "none"]
     results = []
     for variant, seed in plan:
-        branch = None
-        if args.branch_at is not None and variant != "none":
-            branch = (checkpoint_dir(args.model, "none", seed=seed, iters=args.iters,
-                                     out_dir=out_dir), args.branch_at)
+        branch_at = args.branch_at if variant != "none" else None
+        branch = None if branch_at is None else (
+            checkpoint_dir(args.model, "none", seed=seed, iters=args.iters, out_dir=out_dir),
+            branch_at)
         if args.report_only:
             done = cached(args.model, variant, seed=seed, iters=args.iters, out_dir=out_dir,
-                          branch_at=None if branch is None else args.branch_at)
+                          branch_at=branch_at)
             results += [done] if done else []
             continue
         results.append(train(args.model, variant, VARIANTS[variant] + placement, seed=seed,
@@ -221,8 +221,7 @@ def main() -> None:
                              tokenizer_dir=args.tokenizer_dir, micro_batch=args.micro_batch,
                              eval_interval=max(args.iters // 6, 10),
                              save_checkpoint=args.save_checkpoints,
-                             save_interval=(args.branch_at if args.branch_at is not None
-                                            and variant == "none" else None),
+                             save_interval=args.branch_at if variant == "none" else None,
                              branch_from=branch))
     rows = table_rows(results)
     summ = summary(rows)

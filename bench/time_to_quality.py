@@ -73,6 +73,20 @@ def time_to_reach(times: list, losses: list, target: float) -> Optional[float]:
     return None
 
 
+def speedup(dense: list, variant: list, target: Optional[float] = None) -> Optional[float]:
+    """Dense time to its final smoothed loss (or ``target``) over the variant's first time there.
+
+    Curves are lists of (seconds, loss); None when either never gets there.
+    """
+    d_times, d_losses = zip(*dense)
+    d_smooth = smooth(list(d_losses))
+    goal = d_smooth[-1] if target is None else target
+    dense_t = time_to_reach(list(d_times), d_smooth, goal)
+    times, losses = zip(*variant)
+    mine = time_to_reach(list(times), smooth(list(losses)), goal)
+    return dense_t / mine if mine and dense_t else None
+
+
 def parse_variant(spec: str, default_iters: int) -> tuple:
     """``NAME`` or ``NAME@ITERS`` (train that variant for ITERS iterations) -> (name, iters)."""
     name, _, iters = spec.partition("@")
@@ -197,22 +211,17 @@ def summarize(results: list) -> dict:
     rows = []
     for r in results:
         dense = next(d for d in results if d["model"] == r["model"] and d["variant"] == "none")
-        d_times, d_losses = zip(*dense["curve"])
-        target = smooth(list(d_losses))[-1]
+        target = smooth([v for _, v in dense["curve"]])[-1]
         times, losses = zip(*r["curve"])
-        reach = time_to_reach(list(times), smooth(list(losses)), target)
-        dense_reach = time_to_reach(list(d_times), smooth(list(d_losses)), target)
-        # Also at the variant's own final (smoothed) loss, where the dense run reaches it.
-        own = smooth(list(losses))[-1]
-        dense_own = time_to_reach(list(d_times), smooth(list(d_losses)), own)
-        mine_own = time_to_reach(list(times), smooth(list(losses)), own)
+        smoothed = smooth(list(losses))
         rows.append({"model": r["model"], "variant": r["variant"], "a2a_share": r["a2a_share"],
                      "ms_per_iter": r["ms_per_iter"], "final_valid": losses[-1],
-                     "target": target, "seconds_to_target": reach,
-                     "speedup": dense_reach / reach if reach else None,
+                     "target": target,
+                     "seconds_to_target": time_to_reach(list(times), smoothed, target),
+                     "speedup": speedup(dense["curve"], r["curve"]),
                      "per_iteration_speedup": dense["ms_per_iter"] / r["ms_per_iter"],
-                     "speedup_at_own_final": (dense_own / mine_own
-                                              if dense_own and mine_own else None)})
+                     # also at the variant's own final (smoothed) loss, where dense reaches it
+                     "speedup_at_own_final": speedup(dense["curve"], r["curve"], smoothed[-1])})
     return {"rows": rows, "runs": results}
 
 

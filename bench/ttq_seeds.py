@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_quality import VARIANTS, parse_variant, run_dir, smooth, time_to_reach  # noqa: E402
+from time_to_quality import VARIANTS, parse_variant, run_dir, smooth, speedup  # noqa: E402
 from trainer_runs import MODELS, REPO, cached, data_ready, load_cached, train  # noqa: E402
 
 
@@ -60,20 +60,6 @@ def timed_curve(timed: dict, losses: list, *, source: str) -> list:
         raise SystemExit(f"error: {source} has {len(losses)} validation points, the timed run "
                          f"{len(times)}: train both with the same --eval-interval and iterations")
     return list(zip(times, losses))
-
-
-def speedup(dense: list, variant: list, target: Optional[float] = None) -> Optional[float]:
-    """Dense time to its final smoothed loss (or ``target``) over the variant's first time there.
-
-    Curves are lists of (seconds, loss); None when the variant never gets there.
-    """
-    d_times, d_losses = zip(*dense)
-    d_smooth = smooth(list(d_losses))
-    goal = d_smooth[-1] if target is None else target
-    dense_t = time_to_reach(list(d_times), d_smooth, goal)
-    times, losses = zip(*variant)
-    mine = time_to_reach(list(times), smooth(list(losses)), goal)
-    return dense_t / mine if mine and dense_t else None
 
 
 def mean_curve(curves: list) -> list:
